@@ -1,0 +1,1 @@
+"""Models of the detection chain (Keras 3 only): refocus CNN, U-Net, detector, region classifier."""

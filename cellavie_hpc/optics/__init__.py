@@ -1,0 +1,1 @@
+"""Optics: angular-spectrum propagation of complex fields and autofocus (pure TensorFlow functions)."""

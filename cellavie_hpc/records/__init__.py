@@ -1,0 +1,1 @@
+"""Records: the versioned per-rank JSON Lines contract between training and reporting."""

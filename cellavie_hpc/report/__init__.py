@@ -1,0 +1,1 @@
+"""Reports: collect per-rank records, scaling efficiency, bottlenecks, calibration, plots and tables."""

@@ -1,0 +1,1 @@
+"""Screening: the inference chain hologram -> refocus -> segment -> detect -> classify, and its evaluation."""

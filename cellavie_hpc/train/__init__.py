@@ -1,0 +1,1 @@
+"""Training: typed configuration, the one training loop, distribution back-ends, checkpoints."""
