@@ -16,16 +16,24 @@ REPORT ?= $(OUT)/report
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
+STAMP := $(VENV)/.cellavie-installed
+
 install:  ## create .venv and install the package, its test extras and Horovod (cached wheel)
 	bash tools/install.sh
+	touch "$(STAMP)"
 
-test:  ## run the whole test suite (Slurm/Horovod tests skip unless available; CI requires them)
+# demo and test install first on a fresh clone, so that the README's two commands are all a user types.
+$(STAMP): setup.cfg tools/install.sh tools/build_horovod.sh
+	bash tools/install.sh
+	touch "$(STAMP)"
+
+test: $(STAMP)  ## run the whole test suite (Slurm/Horovod tests skip unless available; CI requires them)
 	$(PY) -m pytest -q
 
-test-fast:  ## tests that need neither Slurm nor Horovod
+test-fast: $(STAMP)  ## tests that need neither Slurm nor Horovod
 	$(PY) -m pytest -q -m "not slurm and not horovod and not slow"
 
-demo:  ## the embedded default end to end on this machine: synthetic data, local sweep, report
+demo: $(STAMP)  ## the embedded default end to end on this machine: synthetic data, local sweep, report
 	$(CELLAVIE) demo --out demo
 
 submit-scaling:  ## submit $(SWEEP) to $(CLUSTER) into $(OUT); returns once queued

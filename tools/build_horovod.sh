@@ -8,6 +8,7 @@
 # and a second run only re-installs the cached wheel (seconds, not minutes).
 #
 # Usage: tools/build_horovod.sh            # build if needed, install, verify
+#        tools/build_horovod.sh --check    # exit 0 iff the venv already has this exact build
 #        FORCE_REBUILD=1 tools/build_horovod.sh
 #
 # Environment:
@@ -35,6 +36,9 @@ export HOROVOD_WITH_MPI=1
 export HOROVOD_WITHOUT_PYTORCH=1
 export HOROVOD_WITHOUT_MXNET=1
 
+MODE="${1:-install}"
+case "$MODE" in install|--check) ;; *) echo "usage: $0 [--check]" >&2; exit 2 ;; esac
+
 log() { printf '[build_horovod %(%H:%M:%S)T] %s\n' -1 "$*"; }
 die() { printf '[build_horovod] ERROR: %s\n' "$*" >&2; exit 1; }
 
@@ -51,7 +55,9 @@ export MAKEFLAGS="${MAKEFLAGS:--j$NPROC}"
 # Exit 0 when OK, 1 otherwise. Optional arg "init" also runs hvd.init() as a
 # single process (MPI singleton), which proves the MPI library links/loads.
 verify() {
-  "$PYTHON" - "$HOROVOD_VERSION" "${1:-}" <<'EOF'
+  local errlog rc=0
+  errlog="$(mktemp)"
+  "$PYTHON" - "$HOROVOD_VERSION" "${1:-}" 2>"$errlog" <<'EOF' || rc=$?
 import os, sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 want, mode = sys.argv[1], sys.argv[2]
@@ -70,6 +76,10 @@ if ok and mode == "init":
     hvd.shutdown()
 sys.exit(0 if ok else 1)
 EOF
+  # TensorFlow's import-time chatter goes to stderr; show it only on failure.
+  [ "$rc" = 0 ] || grep -v -e oneDNN -e absl "$errlog" | tail -n 20 >&2
+  rm -f "$errlog"
+  return "$rc"
 }
 
 read -r TF_VERSION PY_TAG < <("$PYTHON" -c '
@@ -90,6 +100,16 @@ FLAVOUR="cpu"
 [ -n "${HOROVOD_GPU_OPERATIONS:-}${HOROVOD_GPU_ALLREDUCE:-}" ] && FLAVOUR="gpu"
 CACHE_ROOT="${CELLAVIE_WHEEL_CACHE:-$HOME/.cache/cellavie-hpc/wheels}"
 CACHE_DIR="$CACHE_ROOT/horovod-$HOROVOD_VERSION-tf$TF_VERSION-$PY_TAG-$FLAVOUR"
+# Marker in the venv root recording which cached build is installed, so that a
+# TensorFlow upgrade (ABI change) triggers a rebuild even if the old build imports.
+MARKER="$("$PYTHON" -c 'import sys; print(sys.prefix)')/.cellavie-horovod-build"
+BUILD_KEY="${CACHE_DIR##*/}"
+if [ "$MODE" = --check ]; then
+  [ -f "$MARKER" ] && [ "$(cat "$MARKER")" = "$BUILD_KEY" ] || { log "no matching Horovod build installed (want $BUILD_KEY)"; exit 1; }
+  verify >/dev/null || { log "installed Horovod does not import with TF + MPI + Gloo"; exit 1; }
+  exit 0
+fi
+
 log "horovod $HOROVOD_VERSION for TensorFlow $TF_VERSION / $PY_TAG ($FLAVOUR); cache: $CACHE_DIR"
 
 shopt -s nullglob
@@ -135,7 +155,7 @@ EOF
     die "horovod build failed; full log: ${TMPDIR:-/tmp}/horovod-build-failed.log"
   fi
   log "built in $((SECONDS - start)) s"
-  grep -E 'HOROVOD_(TENSORFLOW|MPI|GLOO)|Build architecture flags' "$WORK/build.log" | sort -u | sed 's/^/  /' || true
+  grep -E 'Build architecture flags' "$WORK/build.log" | sort -u | sed 's/^ *--/ /' || true
   mkdir -p "$CACHE_DIR"
   rm -f "$CACHE_DIR"/*.whl
   cp "$WORK"/dist/horovod-"$HOROVOD_VERSION"-*.whl "$CACHE_DIR/"
@@ -145,6 +165,7 @@ else
 fi
 
 log "installing ${wheels[0]##*/}"
+rm -f "$MARKER"
 "$PYTHON" -m pip install --quiet --force-reinstall --no-deps "${wheels[0]}"
 # Horovod's own runtime deps are normally already there through setup.cfg.
 if ! "$PYTHON" -c 'import cloudpickle, psutil, yaml, packaging' 2>/dev/null; then
@@ -155,4 +176,5 @@ log "verifying"
 if ! verify init; then
   die "installed horovod lacks TensorFlow/MPI/Gloo support; rebuild with FORCE_REBUILD=1 and check the log"
 fi
+echo "$BUILD_KEY" > "$MARKER"
 log "done"
