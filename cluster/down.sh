@@ -12,13 +12,13 @@ export SLURM_CONF="${ETC}/slurm.conf"
 
 # Cancel jobs first, so that their steps do not outlive slurmd.
 if daemon_pid slurmctld >/dev/null && command -v squeue >/dev/null; then
-    jobs="$(timeout 10 squeue -h -o '%i' 2>/dev/null || true)"
+    jobs="$(timeout 10 squeue -h -t PENDING,RUNNING,SUSPENDED,COMPLETING,CONFIGURING -o '%i' 2>/dev/null || true)"
     if [[ -n "${jobs}" ]]; then
         log "cancelling jobs: $(echo ${jobs})"
         # shellcheck disable=SC2086
         timeout 10 scancel ${jobs} 2>/dev/null || true
         for _ in $(seq 1 25); do
-            [[ -z "$(timeout 5 squeue -h -o '%i' 2>/dev/null || true)" ]] && break
+            [[ -z "$(timeout 5 squeue -h -t PENDING,RUNNING,SUSPENDED,COMPLETING,CONFIGURING -o '%i' 2>/dev/null || true)" ]] && break
             sleep 0.2
         done
     fi

@@ -50,6 +50,9 @@ PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
 # for the TF headers). Horovod's setup.py uses -j8 unless MAKEFLAGS is set.
 NPROC="$(nproc 2>/dev/null || echo 2)"; [ "$NPROC" -gt 8 ] && NPROC=8
 export MAKEFLAGS="${MAKEFLAGS:--j$NPROC}"
+# CMake >= 4 refuses cmake_minimum_required(< 3.5), which Horovod's bundled
+# gloo and flatbuffers still declare; older CMake ignores this variable.
+export CMAKE_POLICY_VERSION_MINIMUM="${CMAKE_POLICY_VERSION_MINIMUM:-3.5}"
 
 # Verification: horovod imports with TF ops, MPI and Gloo compiled in.
 # Exit 0 when OK, 1 otherwise. Optional arg "init" also runs hvd.init() as a

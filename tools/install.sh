@@ -85,13 +85,24 @@ fi
 # Skip when setup.cfg/pyproject.toml/setup.py are unchanged since the last
 # successful install into this venv and the distribution is still installed.
 STAMP="$VENV/.cellavie-install-stamp"
-want_stamp="$(cat setup.cfg pyproject.toml setup.py 2>/dev/null | sha256sum | cut -d' ' -f1)"
+want_stamp="$( { cat setup.cfg pyproject.toml setup.py 2>/dev/null || true; } | sha256sum | cut -d' ' -f1)"
 if [ "${FORCE_REINSTALL:-0}" != 1 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ] \
     && "$PY" -c 'import cellavie_hpc' 2>/dev/null; then
   log "package already installed (setup.cfg unchanged); FORCE_REINSTALL=1 to redo"
 else
-  log "pip install -e '.[test]'"
-  "$PY" -m pip install --progress-bar off -e '.[test]'
+  # Extras: "test", plus "cpu" if setup.cfg defines it (TensorFlow split into
+  # cpu/gpu extras so that GPU clusters can use environment.yml); override with
+  # CELLAVIE_PIP_EXTRAS.
+  extras="${CELLAVIE_PIP_EXTRAS:-$("$PY" - <<'EOF'
+import configparser
+cfg = configparser.ConfigParser()
+cfg.read("setup.cfg")
+extras = cfg["options.extras_require"] if cfg.has_section("options.extras_require") else {}
+print(",".join(["test"] + (["cpu"] if "cpu" in extras else [])))
+EOF
+)}"
+  log "pip install -e '.[$extras]'"
+  "$PY" -m pip install --progress-bar off -e ".[$extras]"
   echo "$want_stamp" > "$STAMP"
 fi
 

@@ -49,8 +49,9 @@ class TilePlan:
         sizes = np.asarray(self.image_sizes, dtype=np.int64).reshape(-1, 2)
         h = sizes[self.tiles[:, 0], 0]
         w = sizes[self.tiles[:, 0], 1]
-        rows = np.minimum(self.tiles[:, 1] + self.patch, h) - self.tiles[:, 1]
-        cols = np.minimum(self.tiles[:, 2] + self.patch, w) - self.tiles[:, 2]
+        y, x = self.tiles[:, 1], self.tiles[:, 2]
+        rows = np.clip(np.minimum(y + self.patch, h) - np.maximum(y, 0), 0, None)
+        cols = np.clip(np.minimum(x + self.patch, w) - np.maximum(x, 0), 0, None)
         return rows * cols
 
     def to_records(self) -> list[dict[str, int]]:
@@ -85,15 +86,7 @@ def plan_tiles(
     stride = patch if stride is None else _positive_int(stride, "stride")
     if border not in BORDERS:
         raise ConfigError(f"border must be one of {', '.join(BORDERS)}, got {border!r}")
-    sizes: list[tuple[int, int]] = []
-    for i, hw in enumerate(image_sizes):
-        try:
-            h, w = (int(v) for v in hw)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"image {i}: size must be a (height, width) pair, got {hw!r}") from err
-        if h <= 0 or w <= 0:
-            raise ConfigError(f"image {i}: size must be positive, got {h}x{w}")
-        sizes.append((h, w))
+    sizes = _checked_sizes(image_sizes)
     blocks = []
     for i, (h, w) in enumerate(sizes):
         ys = _positions(h, patch, stride, border)
@@ -106,7 +99,36 @@ def plan_tiles(
         block[:, 2] = np.tile(xs, ys.size)
         blocks.append(block)
     tiles = np.concatenate(blocks) if blocks else np.empty((0, 3), dtype=np.int64)
-    return TilePlan(tiles=tiles, patch=patch, stride=stride, border=border, image_sizes=tuple(sizes))
+    return TilePlan(tiles=tiles, patch=patch, stride=stride, border=border, image_sizes=sizes)
+
+
+def plan_crops(image_sizes: Sequence[tuple[int, int]], centres: np.ndarray, crop: int) -> TilePlan:
+    """Square `crop` windows centred on given pixels, as a plan (the classifier's tiles are cells).
+
+    `centres` is (N, 3) int `(image, cy, cx)`; the window starts at `(cy - crop//2, cx - crop//2)`,
+    so the centre pixel lands at `[crop//2, crop//2]`. Windows may reach past any border and are
+    read with reflect padding (`border="reflect"`).
+    """
+    crop = _positive_int(crop, "crop")
+    sizes = _checked_sizes(image_sizes)
+    centres = np.asarray(centres, dtype=np.int64).reshape(-1, 3)
+    if centres.size and (centres[:, 0].min() < 0 or centres[:, 0].max() >= len(sizes)):
+        raise ConfigError(f"crop centres name images outside 0..{len(sizes) - 1}")
+    tiles = centres - np.array([0, crop // 2, crop // 2], dtype=np.int64)
+    return TilePlan(tiles=tiles, patch=crop, stride=crop, border="reflect", image_sizes=sizes)
+
+
+def _checked_sizes(image_sizes: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    sizes = []
+    for i, hw in enumerate(image_sizes):
+        try:
+            h, w = (int(v) for v in hw)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"image {i}: size must be a (height, width) pair, got {hw!r}") from err
+        if h <= 0 or w <= 0:
+            raise ConfigError(f"image {i}: size must be positive, got {h}x{w}")
+        sizes.append((h, w))
+    return tuple(sizes)
 
 
 def _positive_int(value: object, name: str) -> int:

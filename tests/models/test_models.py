@@ -1,0 +1,198 @@
+"""The four models: shapes, sizes, training with a plain GradientTape loop, mixed precision, decoding, registry."""
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from model_tiles import defocused_field, disc_rasters, random_tiles
+
+from cellavie_hpc.errors import ConfigError, DataError
+from cellavie_hpc.models import metrics
+from cellavie_hpc.models.detector import decode_detections, non_max_suppression
+from cellavie_hpc.models.registry import MODELS, build_model, model_spec
+from cellavie_hpc.models.targets import cell_boxes, detector_targets
+
+PATCH = {"refocus": 32, "unet": 32, "detector": 32, "classifier": 16}
+
+
+def synthetic_batch(name: str, count: int = 8, seed: int = 0):
+    """(inputs, targets) of the model's input kind, targets made by the spec through tf.data as the pipeline does."""
+    rng = np.random.default_rng(seed)
+    patch = PATCH[name]
+    if name == "classifier":
+        tiles = [disc_rasters(patch, [(7.5, 7.5, float(rng.uniform(3, 5)), 1 + i % 4)]) for i in range(count)]
+        instance, cls, phase = (np.stack(a) for a in zip(*tiles))
+    else:
+        instance, cls, phase = random_tiles(rng, count, patch)
+    truth = {"instance": instance, "cls": cls, "phase": phase,
+             "focus_distance_m": rng.uniform(-20e-6, 20e-6, count).astype(np.float32)}
+    spec = model_spec(name, "tiny", patch=patch)
+    (y,) = tf.data.Dataset.from_tensor_slices(truth).map(spec.targets.from_truth).batch(count).take(1)
+    x = defocused_field(phase) if name == "refocus" else phase[..., None]
+    return tf.constant(x), y
+
+
+def train(model, spec, x, y, steps: int, learning_rate: float = 1e-2) -> list[float]:
+    """Eager GradientTape steps: for a dozen steps of a tiny model, cheaper than tracing a tf.function."""
+    optimizer = keras.optimizers.Adam(learning_rate)
+    losses = []
+    for _ in range(steps):
+        with tf.GradientTape() as tape:
+            loss = spec.loss(y, model(x, training=True))
+        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+        losses.append(float(loss))
+    return losses
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_tiny_model_shapes_and_size(name):
+    patch = PATCH[name]
+    model = build_model(name, "tiny", patch=patch)
+    assert 10_000 <= model.count_params() <= 100_000
+    spec = model_spec(name, "tiny", patch=patch)
+    out = model(np.zeros((3,) + spec.input_shape, np.float32))
+    expected = {k: (3,) + (s if s else (4,)) for k, s in spec.targets.shapes.items() if k != "mask"}
+    expected = {"logits": (3, patch, patch, 3)} if name == "unet" else expected
+    expected = {"logits": (3, 4)} if name == "classifier" else expected
+    assert {k: tuple(v.shape) for k, v in out.items()} == expected
+    assert all(v.dtype == tf.float32 for v in out.values())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_loss_and_metrics_run_in_a_graph(name):
+    x, y = synthetic_batch(name, count=2)
+    model = build_model(name, "tiny", patch=PATCH[name])
+    spec = model_spec(name, "tiny", patch=PATCH[name])
+
+    @tf.function
+    def evaluate():
+        out = model(x, training=False)
+        return spec.loss(y, out), spec.metrics(y, out)
+
+    loss, batch = evaluate()
+    assert loss.dtype == tf.float32 and loss.shape == () and math.isfinite(float(loss))
+    assert float(loss) == pytest.approx(float(spec.loss(y, model(x, training=False))), rel=1e-4)
+    assert all(v.shape == () and v.dtype == tf.float32 for v in batch.values())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_loss_falls_on_synthetic_discs(name):
+    keras.utils.set_random_seed(7)
+    x, y = synthetic_batch(name, count=4)
+    model = build_model(name, "tiny", patch=PATCH[name])
+    spec = model_spec(name, "tiny", patch=PATCH[name])
+    losses = train(model, spec, x, y, steps=10)
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_spec_metrics_reduce_exactly_over_batches():
+    spec = model_spec("classifier", "tiny", patch=16)
+    logits = np.eye(4, dtype=np.float32)[[0, 1, 1, 0]] * 5  # predicted: healthy, ring, ring, healthy
+    first = spec.metrics({"label": np.array([0, 1, 2, 0])}, {"logits": logits[:4]})
+    second = spec.metrics({"label": np.array([0, 0])}, {"logits": logits[:2]})  # no infected cell: NaN sensitivity
+    assert math.isnan(float(second["sensitivity"]))
+    total = spec.reduce_metrics([first, second])
+    # tp: 2 (ring, troph->ring), fn 0, fp 1 (second batch healthy->ring), tn 3
+    assert total["sensitivity"] == pytest.approx(1.0)
+    assert total["specificity"] == pytest.approx(3 / 4)
+    assert total["precision"] == pytest.approx(2 / 3)
+    assert total["accuracy"] == pytest.approx(4 / 6)
+
+
+def test_unet_metrics_hand_checked():
+    spec = model_spec("unet", "tiny", patch=16)
+    labels = np.zeros((1, 16, 16), np.int32)
+    labels[0, 4:8, 4:8] = 1
+    predicted = np.zeros((1, 16, 16), np.int32)
+    predicted[0, 4:8, 4:10] = 1
+    out = spec.reduce_metrics([spec.metrics({"classes": labels}, {"logits": np.eye(3, dtype=np.float32)[predicted]})])
+    assert out["iou_interior"] == pytest.approx(16 / 24)
+    assert out["dice_interior"] == pytest.approx(32 / 40)
+    assert out["iou_boundary"] == 1.0  # absent from both
+    assert out["pixel_accuracy"] == pytest.approx(1 - 8 / 256)
+
+
+@pytest.fixture
+def mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("name", ["refocus", "detector"])
+def test_mixed_float16_computes_in_half_and_returns_float32_loss(name, mixed_precision):
+    model = build_model(name, "tiny", patch=PATCH[name])
+    spec = model_spec(name, "tiny", patch=PATCH[name])
+    assert model.get_layer("stem_conv" if name == "refocus" else "stem1_conv").compute_dtype == "float16"
+    x, y = synthetic_batch(name, count=2)
+    out = model(x, training=True)
+    assert all(v.dtype == tf.float32 for v in out.values())
+    loss = spec.loss(y, out)
+    assert loss.dtype == tf.float32 and loss.shape == () and math.isfinite(float(loss))
+
+
+def test_nms_removes_duplicates_and_keeps_separate_cells():
+    boxes = np.array([[[0, 0, 10, 10], [0, 1, 10, 11], [20, 20, 30, 30], [1, 0, 11, 10]]], np.float32)
+    scores = np.array([[0.9, 0.8, 0.7, 0.6]], np.float32)
+    keep = keras.ops.convert_to_numpy(non_max_suppression(boxes, scores, iou_threshold=0.5))
+    assert keep.tolist() == [[True, False, True, False]]
+    # a box suppressed by a suppressed box survives: greedy, not "fast" NMS
+    chain = np.array([[[0, 0, 10, 10], [0, 4, 10, 14], [0, 8, 10, 18]]], np.float32)
+    keep = keras.ops.convert_to_numpy(non_max_suppression(chain, scores[:, :3], iou_threshold=0.4))
+    assert keep.tolist() == [[True, False, True]]
+
+
+def logits_from_targets(t, duplicate_at=None):
+    """Perfect detector outputs (batch of 1) from targets, optionally with a second, weaker peak next to a cell."""
+    heat = t["heatmap"].numpy().copy()
+    if duplicate_at is not None:
+        heat[duplicate_at] = 0.95  # after max-pool it is not the local peak, and NMS must remove its box anyway
+    logit = np.log(np.clip(heat, 1e-6, 1 - 1e-6) / (1 - np.clip(heat, 1e-6, 1 - 1e-6)))
+    return {"heatmap": logit[None], "size": t["size"].numpy()[None], "offset": t["offset"].numpy()[None]}
+
+
+def test_decode_recovers_ground_truth_boxes_and_map_is_one():
+    instance, cls, _ = disc_rasters(64, [(13.5, 9.5, 4.0, 1), (40.0, 41.0, 5.0, 2), (45.0, 12.0, 4.5, 1)])
+    t = detector_targets(instance, cls)
+    det = {k: keras.ops.convert_to_numpy(v)[0] for k, v in decode_detections(logits_from_targets(t), 0.5, 20).items()}
+    assert int(det["valid"].sum()) == 3
+    gt_boxes, gt_classes = (v.numpy() for v in cell_boxes(instance, cls))
+    found = det["boxes"][det["valid"]]
+    order = np.lexsort((found[:, 1], found[:, 0]))
+    np.testing.assert_allclose(found[order], gt_boxes[np.lexsort((gt_boxes[:, 1], gt_boxes[:, 0]))], atol=1e-4)
+    valid = det["valid"]
+    out = metrics.mean_average_precision(
+        [{"boxes": det["boxes"][valid], "scores": det["scores"][valid], "classes": det["classes"][valid]}],
+        [{"boxes": gt_boxes, "classes": gt_classes}], num_classes=2)
+    assert out["map"] == pytest.approx(1.0)
+
+
+def test_decode_suppresses_a_duplicate_peak_of_another_class():
+    instance, cls, _ = disc_rasters(32, [(13.5, 9.5, 4.0, 1)])
+    t = detector_targets(instance, cls)
+    outputs = logits_from_targets(t, duplicate_at=(3, 2, 1))  # same cell, "infected" channel, slightly weaker
+    det = decode_detections(outputs, score_threshold=0.5, max_detections=10)
+    valid = keras.ops.convert_to_numpy(det["valid"])[0]
+    assert valid.sum() == 1 and int(keras.ops.convert_to_numpy(det["classes"])[0][valid][0]) == 0
+    per_class = decode_detections(outputs, score_threshold=0.5, max_detections=10, class_agnostic=False)
+    assert keras.ops.convert_to_numpy(per_class["valid"]).sum() == 2
+
+
+def test_registry_rejects_bad_requests_with_suggestions():
+    with pytest.raises(ConfigError, match="did you mean 'detector'"):
+        build_model("detecter")
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        build_model("detector", "base", patch=100)
+    with pytest.raises(ConfigError, match="did you mean 'width'"):
+        build_model("unet", "tiny", widht=4)
+    with pytest.raises(ConfigError, match="2 x angles"):
+        build_model("refocus", "tiny", in_channels=3)
+    with pytest.raises(DataError, match="focus_distance_m"):
+        model_spec("refocus", "tiny", patch=16).targets.from_truth({"phase": np.zeros((16, 16), np.float32)})
+    spec = model_spec("refocus", "tiny", patch=16, defocus_head=False, dilations=[1, 2])
+    assert spec.config.dilations == (1, 2) and set(spec.targets.shapes) == {"phase"}
+    assert set(build_model("refocus", "tiny", patch=16, defocus_head=False).output) == {"phase"}

@@ -1,0 +1,119 @@
+"""Collect: hand-made runs whose throughput, shares, stragglers and status are known by hand."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import records_factory as rf
+from cellavie_hpc.errors import DataError
+from cellavie_hpc.records.reader import SchemaVersionError
+from cellavie_hpc.report import stats
+from cellavie_hpc.report.collect import collect, collect_runs, combine_repeats
+
+
+def _run(collection, name):
+    return collection.runs.set_index("run_dir").loc[name]
+
+
+def test_throughput_shares_and_straggler_by_hand(tmp_path):
+    # 2 ranks, 10 steps of 8 samples; steps 0-1 are warm-up (5 s). Rank 0: 0.1 s/step, rank 1: 0.2 s/step.
+    rf.write_run(tmp_path / "two", world_size=2, steps=10, step_time_s=lambda r, s: 0.1 * (r + 1))
+    run = _run(collect_runs([tmp_path], progress=False), "two")
+    assert run["complete"] and run["status"] == "completed" and run["steps"] == 10
+    assert run["warmup_steps_excluded"] == 2 and run["steps_measured"] == 8
+    assert run["global_samples"] == 2 * 8 * 8
+    assert run["throughput_samples_per_s"] == pytest.approx(128 / 1.6)  # slowest rank: 8 x 0.2 s
+    assert run["throughput_per_gpu_samples_per_s"] == pytest.approx(40.0)
+    assert run["step_time_median_s"] == pytest.approx(0.2)  # per step, the slowest rank
+    assert (run["input_wait_share"], run["compute_share"], run["exchange_share"]) == pytest.approx((0.1, 0.7, 0.2))
+    assert run["straggler_rank"] == 1
+    assert run["straggler_ratio"] == pytest.approx(1.28 / 0.96)  # busy 0.8*1.6 over median of (0.64, 1.28)
+    assert run["achieved_flops_per_s"] == pytest.approx(1e9 * 80.0)
+    assert run["time_to_first_step_s"] == pytest.approx(2.0 + 5.0)
+    assert run["mem_peak_bytes_max"] == 2 << 30 and run["mem_source"] == "device"
+
+
+def test_missing_and_stopped_ranks_are_named_and_excluded(tmp_path):
+    rf.write_run(tmp_path / "ok", world_size=2, steps=6)
+    rf.write_run(tmp_path / "holes", world_size=4, steps=6, ranks=[0, 1, 3], stop_at={3: 4})
+    rf.write_run(tmp_path / "failed", world_size=2, steps=6, status=lambda r: "failed" if r == 1 else "completed")
+    c = collect_runs([tmp_path], progress=False)
+    holes, failed = _run(c, "holes"), _run(c, "failed")
+    assert not holes["complete"] and holes["status"] == "incomplete"
+    assert holes["missing_ranks"] == "2" and holes["unfinished_ranks"] == "3"
+    assert failed["status"] == "failed" and failed["failed_ranks"] == "1"
+    messages = [p["message"] for p in c.problems if p["severity"] == "error"]
+    assert "rank(s) 2 of world size 4: no records (or no header)" in messages
+    assert "rank(s) 3 of world size 4: no final record (stopped)" in messages
+    assert "rank(s) 1 of world size 2: a failed/preempted final record" in messages
+    points = combine_repeats(c.runs)
+    assert points["run_ids"].tolist() == ["ok"]
+    assert set(combine_repeats(c.runs, include_incomplete=True)["run_ids"].str.split(",").sum()) == \
+        {"ok", "holes", "failed"}
+
+
+def test_compile_steps_detected_and_warmup_override(tmp_path):
+    # The header declares no warm-up, but steps 0-2 take 5 s: detected as compile steps.
+    rf.write_run(tmp_path / "r", world_size=1, steps=12, warmup_steps=3, header_warmup_steps=0)
+    run = _run(collect_runs([tmp_path], progress=False), "r")
+    assert run["warmup_steps_excluded"] == 3 and run["throughput_samples_per_s"] == pytest.approx(80.0)
+    forced = _run(collect_runs([tmp_path], warmup_steps=6, progress=False), "r")
+    assert forced["warmup_steps_excluded"] == 6 and forced["global_samples"] == 6 * 8
+
+
+def test_measured_mask_per_attempt():
+    step = np.arange(10)
+    attempt = np.array([0] * 5 + [1] * 5)
+    times = np.array([9, 1, 1, 1, 1, 8, 1, 1, 1, 1.0])  # a recompile after the requeue at step 5
+    assert stats.measured_mask(step, attempt, times, 0).tolist() == [False] + [True] * 4 + [False] + [True] * 4
+    assert stats.steps_per_record(np.array([9, 19, 29])).tolist() == [10, 10, 10]
+
+
+def test_nan_loss_and_requeue_reported(tmp_path):
+    run_dir = tmp_path / "nan"
+    rf.append_records(run_dir, 0, [rf.header("nan", 0, 1, warmup_steps=0)] + [
+        rf.step(s, wall_s=0.1, input_wait_s=0.0, compute_s=0.1, exchange_s=None, samples=8, t_unix=rf.T0_UNIX + s,
+                loss=None if s >= 3 else 0.5) for s in range(6)] + [rf.final(6, 48, 0.6)])
+    c = collect_runs([tmp_path], progress=False)
+    run = _run(c, "nan")
+    assert run["complete"] and run["nan_loss_steps"] == 3 and np.isnan(run["exchange_share"])
+    assert any("loss is NaN/inf in 3 step(s), first at step 3" in p["message"] for p in c.problems)
+
+
+def test_repeats_combined_median_min_max(tmp_path):
+    for rep, t in enumerate((0.1, 0.2, 0.125)):
+        rf.write_run(tmp_path / f"rep{rep}", world_size=1, steps=6, step_time_s=t,
+                     point={"model": "unet", "nodes": 1, "repeat": rep})
+    points = combine_repeats(collect_runs([tmp_path], progress=False).runs)
+    assert len(points) == 1
+    p = points.iloc[0]
+    assert p["repeats"] == 3 and p["throughput_samples_per_s"] == pytest.approx(64.0)
+    assert (p["throughput_min"], p["throughput_max"]) == pytest.approx((40.0, 80.0))
+
+
+def test_sweep_json_names_points_without_records(tmp_path):
+    rf.write_run(tmp_path / "runs" / "p0", world_size=1, steps=4)
+    (tmp_path / "sweep.json").write_text(json.dumps({"sweep": {"name": "s"}, "points": [
+        {"run_dir": "runs/p0", "point": {"nodes": 1}, "status": "done"},
+        {"run_dir": "runs/p1", "point": {"nodes": 64}, "status": "failed"}]}))
+    c, paths = collect([tmp_path], tmp_path / "res", progress=False)
+    ghost = _run(c, "runs/p1")
+    assert ghost["status"] == "failed" and not ghost["complete"] and ghost["point.nodes"] == 64
+    summary = json.loads(paths["summary"].read_text())
+    assert summary["runs"] == 2 and summary["complete"] == 1 and summary["sweeps"][str(tmp_path)]["sweep"]["name"] == "s"
+    assert [r["run_dir"] for r in summary["incomplete_runs"]] == ["runs/p1"]
+    for name in ("runs", "ranks", "points"):
+        assert pd.read_parquet(tmp_path / "res" / f"{name}.parquet").shape == \
+            pd.read_csv(tmp_path / "res" / f"{name}.csv").shape
+    assert len(pd.read_parquet(tmp_path / "res" / "ranks.parquet")) == 1
+
+
+def test_bad_inputs_are_clear(tmp_path):
+    with pytest.raises(DataError, match="no records found under"):
+        collect_runs([tmp_path], progress=False)
+    rf.append_records(tmp_path / "old", 0, [rf.header("old", 0, 1) | {"schema_version": 0}])
+    with pytest.raises(SchemaVersionError, match="rank-00000.jsonl:1: schema_version 0"):
+        collect_runs([tmp_path], progress=False)
