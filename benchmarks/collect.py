@@ -95,7 +95,7 @@ def _environment() -> str:
     except OSError:
         commit = "?"
     return (f"python {platform.python_version()}, numpy {np.__version__}, pyarrow {pyarrow.__version__}; "
-            f"CPU {cpu} ({os.cpu_count()} cores); git {commit or '?'}")
+            f"CPU {cpu} ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}); git {commit or '?'}")
 
 
 def main() -> int:

@@ -7,7 +7,7 @@ cache (`cache=True`, warm). Threads = tf.data private pool size and parallel rea
 steady state (the first batch, with tracing and start-up, is left out). Prints tiles/s, MB/s of
 delivered tensors (median of repeats) and the ratios.
 
-    python benchmarks/pipeline.py [--images 4] [--size 2048] [--repeats 3] [--pixels 4e6]
+    python benchmarks/pipeline.py [--images 4] [--size 2048] [--repeats 3] [--pixels 3e6]
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--pixels", type=float, default=4e6, help="tile pixels per pipeline measurement (tiles repeat)")
+    parser.add_argument("--pixels", type=float, default=3e6, help="tile pixels per pipeline measurement (tiles repeat)")
     parser.add_argument("--naive-tiles", type=int, default=8, help="tiles per baseline measurement (slow)")
     args = parser.parse_args(argv)
 

@@ -32,10 +32,10 @@ stop() {  # stop NAME: SIGTERM, wait up to 15 s, then SIGKILL
     fi
     kill -TERM "${pid}" 2>/dev/null || true
     for _ in $(seq 1 75); do
-        kill -0 "${pid}" 2>/dev/null || break
+        alive "${pid}" || break
         sleep 0.2
     done
-    if kill -0 "${pid}" 2>/dev/null; then
+    if alive "${pid}"; then
         log "${name} (pid ${pid}) ignored SIGTERM for 15 s; killing"
         kill -KILL "${pid}" 2>/dev/null || true
         sleep 0.2

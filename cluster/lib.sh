@@ -35,6 +35,14 @@ pidfile_of() { printf '%s/%s.pid' "${RUN}" "$1"; }
 log() { printf '[cluster] %s\n' "$*" >&2; }
 die() { printf '[cluster] ERROR: %s\n' "$*" >&2; exit 1; }
 
+# True if process $1 exists and is not a zombie (PID 1 here may reap late).
+alive() {
+    local st
+    kill -0 "$1" 2>/dev/null || return 1
+    st="$(awk '{ print $3 }' "/proc/$1/stat" 2>/dev/null || true)"
+    [[ -n "${st}" && "${st}" != "Z" && "${st}" != "X" ]]
+}
+
 # Print the pid of daemon $1 if its pid file names a live process whose command
 # is that daemon; exit status 1 otherwise.
 daemon_pid() {
@@ -43,7 +51,7 @@ daemon_pid() {
     [[ -s "${pf}" ]] || return 1
     pid="$(tr -dc '0-9' <"${pf}")"
     [[ -n "${pid}" ]] || return 1
-    kill -0 "${pid}" 2>/dev/null || return 1
+    alive "${pid}" || return 1
     comm="$(cat "/proc/${pid}/comm" 2>/dev/null || true)"
     [[ "${comm}" == "${name}"* ]] || return 1
     printf '%s\n' "${pid}"

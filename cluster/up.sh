@@ -161,7 +161,7 @@ stop_daemon() {  # stop_daemon NAME (used when the config changed)
     pid="$(daemon_pid "$1")" || return 0
     log "restarting $1 (config changed)"
     kill -TERM "${pid}" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "${pid}" 2>/dev/null || break; sleep 0.2; done
+    for _ in $(seq 1 50); do alive "${pid}" || break; sleep 0.2; done
     kill -KILL "${pid}" 2>/dev/null || true
     rm -f "$(pidfile_of "$1")"
 }

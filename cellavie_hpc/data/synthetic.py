@@ -339,12 +339,14 @@ def render_image(params: SyntheticParams, index: int) -> SyntheticImage:
         plane = hologram[crop] * np.conj(carrier[crop] if carrier.size > 1 else carrier)
         plane *= np.complex64(np.exp(1j * kz * focus_m))
         g = rng.normal(0.0, 2 * np.pi / max(params.height, params.width), 2)   # slow tilt, rad / pixel
-        background = rng.uniform(-np.pi, np.pi) + g[0] * yy[:params.height] + g[1] * xx[:, :params.width]
+        offset = rng.uniform(-np.pi, np.pi)
+        background = offset + g[0] * yy[:params.height] + g[1] * xx[:, :params.width]
         plane = plane * np.exp(1j * background).astype(np.complex64)
         noise = rng.standard_normal((2,) + plane.shape, dtype=np.float32) * np.float32(sigma)
         planes.append((plane + noise[0] + 1j * noise[1]).astype(np.complex64))
         illumination.append({"polar_deg": round(math.degrees(polar), 4), "azimuth_deg": round(math.degrees(azimuth), 4),
-                             "frequency_per_m": [fy, fx]})
+                             "frequency_per_m": [fy, fx], "background_offset_rad": float(offset),
+                             "background_tilt_rad_per_px": [float(g[0]), float(g[1])]})
     return SyntheticImage(field=np.stack(planes), phase=phase_canvas[crop].astype(np.float32), instance=instance,
                           cls=cls_raster, cells=truth_cells, focus_distance_m=float(focus_m),
                           illumination=illumination)

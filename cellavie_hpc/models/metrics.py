@@ -99,9 +99,9 @@ def mean_average_precision(detections: Sequence[Mapping], truths: Sequence[Mappi
     """VOC-style mAP@iou_threshold over images.
 
     ``detections[i]``: ``boxes`` (N, 4), ``scores`` (N,), ``classes`` (N,); ``truths[i]``: ``boxes`` (M, 4),
-    ``classes`` (M,). Detections are matched in score order to the same-class truth of highest IoU; a match needs IoU >= threshold
-    and a truth not matched before (a duplicate is a false positive), as in the VOC devkit. Returns ``ap_<c>`` per class
-    (NaN when the class has no truth) and ``map`` over classes that have truth.
+    ``classes`` (M,). Detections are matched in score order to the same-class truth of highest IoU; a match needs
+    IoU >= threshold and a truth not matched before (a duplicate is a false positive), as in the VOC devkit.
+    Returns ``ap_<c>`` per class (NaN when the class has no truth) and ``map`` over classes that have truth.
     """
     if len(detections) != len(truths):
         raise ValueError(f"{len(detections)} detection lists but {len(truths)} truth lists: one of each per image")

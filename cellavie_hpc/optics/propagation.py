@@ -134,7 +134,8 @@ def transfer_function(shape: tuple[int, int], distance_m, wavelength_m: float, p
 
     kz, max_distance = _cached_kernel(tuple(int(s) for s in shape), float(wavelength_m), float(pixel_size_m),
                                       float(medium_index), bool(band_limit))
-    z = tf.reshape(tf.cast(distance_m, tf.float64), [-1])
+    z = distance_m if tf.is_tensor(distance_m) else np.asarray(distance_m, np.float64)   # no float32 detour
+    z = tf.reshape(tf.cast(z, tf.float64), [-1])
     phase = tf.cast(tf.math.floormod(tf.constant(kz)[None] * z[:, None, None], 2.0 * math.pi), tf.float32)
     keep = tf.abs(z)[:, None, None] < tf.constant(max_distance)[None]
     return tf.where(keep, tf.complex(tf.cos(phase), tf.sin(phase)), tf.zeros_like(phase, tf.complex64))

@@ -1,7 +1,6 @@
 """Where each run's step time goes (input wait, compute, gradient exchange), its stragglers and memory."""
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
 #: A rank whose busy time (input wait + compute) exceeds the run's median rank by this factor is a straggler.
@@ -44,10 +43,3 @@ def bottleneck_table(runs: pd.DataFrame, ranks: pd.DataFrame | None = None) -> p
     table["stragglers"] = [slow.get(str(d), "") for d in table["run_dir"]]
     return table.sort_values(["model", "backend", "gpus", "batch_per_gpu", "run_id"]).reset_index(drop=True)
 
-
-def dominant_cost(row: pd.Series) -> str:
-    """The largest share of a run's step time, by name (`input wait`, `compute`, `exchange`)."""
-    shares = {"input wait": row.get("input_wait_share"), "compute": row.get("compute_share"),
-              "exchange": row.get("exchange_share")}
-    shares = {k: v for k, v in shares.items() if v is not None and np.isfinite(v)}
-    return max(shares, key=shares.get) if shares else "unknown"

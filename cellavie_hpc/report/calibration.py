@@ -193,11 +193,6 @@ def write_calibration(calibrations: list[SeriesCalibration], path: str | Path) -
     return path
 
 
-def load_calibration(path: str | Path) -> list[SeriesCalibration]:
-    data = json.loads(Path(path).read_text())
-    return [SeriesCalibration(**entry) for entry in data["series"]]
-
-
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(s|sec|m|min|h|hr|d)?\s*$", re.IGNORECASE)
 _UNIT_S = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400}
 

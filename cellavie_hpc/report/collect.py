@@ -284,11 +284,10 @@ def _sweep_points(sweep_dir: Path) -> tuple[dict[str, Any] | None, list[dict[str
     return content, [p for p in points if isinstance(p, dict)]
 
 
-def _missing_point_row(entry: dict[str, Any], sweep_dir: Path) -> dict[str, Any]:
+def _missing_point_row(entry: dict[str, Any], run_dir: str | None, sweep_dir: Path) -> dict[str, Any]:
     point = entry.get("point") if isinstance(entry.get("point"), dict) else {}
-    run_dir = entry.get("run_dir")
     status = entry.get("status") or "missing"
-    return {"run_dir": str(run_dir) if run_dir else None, "sweep_dir": str(sweep_dir), "run_id": entry.get("run_id"),
+    return {"run_dir": run_dir, "sweep_dir": str(sweep_dir), "run_id": entry.get("run_id"),
             "status": status if status in ("failed", "pending", "running", "cancelled", "timeout") else "missing",
             "complete": False, "ranks_found": 0, **_flatten(point, "point")}
 
@@ -335,9 +334,7 @@ def collect_runs(sweep_dirs: Iterable[str | Path], warmup_steps: int | None = No
             rel = _relative(entry.get("run_dir"), sweep_dir)
             if (str(sweep_dir), rel) in have_dirs or (entry.get("run_id") and str(entry["run_id"]) in have_ids):
                 continue
-            row = _missing_point_row(entry, sweep_dir)
-            row["run_dir"] = rel
-            runs.append(row)
+            runs.append(_missing_point_row(entry, rel, sweep_dir))
             problems.append(_problem("error", f"sweep point {json.dumps(entry.get('point'), sort_keys=True)} produced "
                                      f"no records (sweep status: {entry.get('status', 'unknown')})", rel))
     runs_df = _integer_columns(pd.DataFrame(runs))

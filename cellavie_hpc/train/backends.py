@@ -76,6 +76,10 @@ class Backend:
     def barrier(self) -> None:
         """Wait until every process gets here."""
 
+    def average_variables(self, variables: Sequence[Any]) -> None:
+        """Replace `variables` by their mean over processes (non-trainable state such as BatchNorm moving
+        statistics, which each process updates from its own batches). Collective."""
+
     def exchange_probe(self, shapes: Sequence[tf.TensorShape]) -> Callable[[], None] | None:
         """A function that all-reduces tensors of the gradients' shapes (to time the exchange), or None."""
         return None
@@ -253,11 +257,14 @@ class HorovodBackend(Backend):
     def barrier(self):
         self.hvd.allreduce(tf.ones([]), op=self.hvd.Sum, name="cellavie_barrier").numpy()
 
-    def exchange_probe(self, shapes):
-        tensors = [tf.zeros(s, tf.float32) for s in shapes]
+    def average_variables(self, variables):
+        for var in self.compat.tf_variables(variables):
+            var.assign(self.hvd.allreduce(tf.convert_to_tensor(var), op=self.hvd.Average))
 
+    def exchange_probe(self, shapes):
         @tf.function
         def probe():
+            tensors = [tf.zeros(s, tf.float32) for s in shapes]
             return self.hvd.grouped_allreduce(tensors, op=self.hvd.Sum, compression=self.compressor)
 
         def run_probe() -> None:

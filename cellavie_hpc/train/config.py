@@ -77,11 +77,18 @@ class DataSection:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
-    """Which model to train; `options` override fields of the preset (checked by models/registry)."""
+    """Which model to train; `options` override fields of the preset (checked by models/registry).
+
+    `freeze_batchnorm` runs every BatchNormalization layer on its moving statistics with fixed scale
+    and offset: each sample is then computed independently of the others in its batch, so results no
+    longer depend on how a batch is split over replicas or micro-batches (tiny per-replica batches,
+    exact equivalence checks).
+    """
 
     name: Literal["refocus", "unet", "detector", "classifier"]
     preset: Literal["tiny", "base"] = "tiny"
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    freeze_batchnorm: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

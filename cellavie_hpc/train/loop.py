@@ -321,6 +321,10 @@ def _train(config: TrainConfig, run_dir: Path, resume: str, job, backend: backen
 
     with backend.scope():
         model = build_model(config.model.name, config.model.preset, d.patch, in_channels, **config.model.options)
+        if config.model.freeze_batchnorm:
+            for layer in model._flatten_layers():
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.trainable = False
         optimizer = make_optimizer(config, backend.replicas)
         optimizer.build(model.trainable_variables)
     position = checkpoint.Position()
@@ -437,7 +441,12 @@ def _train(config: TrainConfig, run_dir: Path, resume: str, job, backend: backen
 
 
 def _checkpoint(run_dir: Path, position, model, optimizer, digest: str, rank0: bool, backend) -> None:
-    """Rank 0 writes; the others wait so that no rank exits (or is requeued) before the checkpoint exists."""
+    """Rank 0 writes; the others wait so that no rank exits (or is requeued) before the checkpoint exists.
+
+    Non-trainable state (BatchNorm moving statistics) is first averaged over processes, so the
+    checkpoint, the final weights and every rank's copy agree.
+    """
+    backend.average_variables(model.non_trainable_variables)
     if rank0:
         checkpoint.save(run_dir, position, model.variables, optimizer.variables, digest)
     backend.barrier()

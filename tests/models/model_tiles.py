@@ -1,4 +1,4 @@
-"""Synthetic tiles for the model tests (a helper module, imported by name): discs with known centres, ids and classes (no data-set module needed)."""
+"""Synthetic disc tiles with known centres, ids and classes for the model tests (no data-set module needed)."""
 import numpy as np
 
 

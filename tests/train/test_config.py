@@ -1,0 +1,77 @@
+"""The training YAML contract: every key checked by type and value, errors that name the key."""
+from pathlib import Path
+
+import pytest
+
+from cellavie_hpc.errors import ConfigError
+from cellavie_hpc.train import config as tc
+
+JOBS = Path(__file__).resolve().parents[2] / "jobs" / "train"
+MINIMAL = {"data": {"dataset": "d"}, "model": {"name": "unet"}}
+
+
+def test_defaults_and_overrides():
+    cfg = tc.resolve(MINIMAL, ["train.batch_per_replica=16", "train.profile_steps=[2, 5]", "run.point={gpus: 4}"])
+    assert cfg.train.batch_per_replica == 16
+    assert cfg.train.profile_steps == (2, 5)
+    assert cfg.run.point == {"gpus": 4}
+    assert cfg.data.patch == 128 and cfg.train.backend == "single"
+    assert tc.as_mapping(cfg)["train"]["profile_steps"] == [2, 5]
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"train\.yaml\.train: unknown key 'bach_per_replica' .*did you mean 'batch_per_replica'"):
+        tc.resolve({**MINIMAL, "train": {"bach_per_replica": 4}}, where="train.yaml")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.batch_per_replica=0", "batch_per_replica"),
+    ("data.patch=100", "patch"),
+    ("train.steps=0", "steps"),
+    ("train.epochs=0", "epochs"),
+    ("train.learning_rate=-1", "learning_rate"),
+    ("train.grad_accum=0", "grad_accum"),
+    ("train.profile_steps=[5, 2]", "profile_steps"),
+    ("data.prefetch=-2", "prefetch"),
+    ("train.backend=horovd", "backend"),
+    ("train.precision=fp8", "precision"),
+    ("train.xla=maybe", "xla"),
+])
+def test_bad_value_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key):
+        tc.resolve(MINIMAL, [override])
+
+
+def test_backend_typo_gets_a_suggestion():
+    with pytest.raises(ConfigError, match="did you mean 'horovod'"):
+        tc.resolve(MINIMAL, ["train.backend=horovd"])
+
+
+def test_global_batch_splits_over_replicas_or_says_why_not():
+    cfg = tc.resolve(MINIMAL, ["train.global_batch=12"])
+    assert cfg.per_replica_batch(4) == 3
+    with pytest.raises(ConfigError, match="not divisible by the 5 replicas"):
+        cfg.per_replica_batch(5)
+
+
+@pytest.mark.parametrize("scaling, expected", [("none", 0.001), ("linear", 0.004), ("sqrt", 0.002)])
+def test_learning_rate_scaling(scaling, expected):
+    cfg = tc.resolve(MINIMAL, [f"train.lr_scaling={scaling}", "train.learning_rate=0.001"])
+    assert cfg.scaled_learning_rate(4) == pytest.approx(expected)
+
+
+def test_config_hash_follows_the_resolved_values():
+    a = tc.resolve(MINIMAL)
+    assert tc.config_hash(a) == tc.config_hash(tc.resolve(MINIMAL, ["train.batch_per_replica=8"]))  # the default
+    assert tc.config_hash(a) != tc.config_hash(tc.resolve(MINIMAL, ["train.batch_per_replica=9"]))
+    assert len(tc.config_hash(a)) == 64
+
+
+@pytest.mark.parametrize("path", sorted(JOBS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_example_configs_validate(path):
+    cfg = tc.load(path)
+    assert cfg.model.name == path.stem and cfg.model.preset == "tiny"
+
+
+def test_every_model_has_an_example():
+    assert {p.stem for p in JOBS.glob("*.yaml")} == {"refocus", "unet", "detector", "classifier"}
