@@ -46,8 +46,8 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
 [ -x "$PYTHON" ] || die "python not found: $PYTHON (run tools/install.sh first)"
 
-# Default parallelism: number of cores, capped at 8 (each g++ job needs ~1.5 GB
-# for the TF headers). Horovod's setup.py uses -j8 unless MAKEFLAGS is set.
+# Default parallelism: number of cores, capped at 8 (compiling against the TF
+# headers is memory hungry). Horovod's setup.py uses -j8 unless MAKEFLAGS is set.
 NPROC="$(nproc 2>/dev/null || echo 2)"; [ "$NPROC" -gt 8 ] && NPROC=8
 export MAKEFLAGS="${MAKEFLAGS:--j$NPROC}"
 # CMake >= 4 refuses cmake_minimum_required(< 3.5), which Horovod's bundled
@@ -159,9 +159,13 @@ EOF
   fi
   log "built in $((SECONDS - start)) s"
   grep -E 'Build architecture flags' "$WORK/build.log" | sort -u | sed 's/^ *--/ /' || true
+  built=("$WORK"/dist/horovod-"$HOROVOD_VERSION"-*.whl)
+  [ ${#built[@]} -eq 1 ] || die "expected one wheel in $WORK/dist, found ${#built[@]}"
   mkdir -p "$CACHE_DIR"
   rm -f "$CACHE_DIR"/*.whl
-  cp "$WORK"/dist/horovod-"$HOROVOD_VERSION"-*.whl "$CACHE_DIR/"
+  # copy then rename, so a concurrent install never sees a half-written wheel
+  cp "${built[0]}" "$CACHE_DIR/.${built[0]##*/}.part"
+  mv "$CACHE_DIR/.${built[0]##*/}.part" "$CACHE_DIR/${built[0]##*/}"
   wheels=("$CACHE_DIR"/horovod-"$HOROVOD_VERSION"-*.whl)
 else
   log "reusing cached wheel ${wheels[0]##*/}"

@@ -238,8 +238,20 @@ def render_image(params: SyntheticParams, index: int) -> SyntheticImage:
     y_last = iy0 + patch - 1 - rows_any[:, ::-1].argmax(axis=1)
     x_first = ix0 + cols_any.argmax(axis=1)
     x_last = ix0 + patch - 1 - cols_any[:, ::-1].argmax(axis=1)
-    shown = np.flatnonzero((y_last >= my) & (y_first < my + params.height)
-                           & (x_last >= mx) & (x_first < mx + params.width))
+    near = np.flatnonzero((y_last >= my) & (y_first < my + params.height)
+                          & (x_last >= mx) & (x_first < mx + params.width))
+    bbox = {}   # cell -> (y0, x0, y1, x1) of its part inside the image
+    for i in near:
+        y0, y1, x0, x1 = int(y_first[i]) - my, int(y_last[i]) + 1 - my, int(x_first[i]) - mx, int(x_last[i]) + 1 - mx
+        if min(y0, x0) < 0 or y1 > params.height or x1 > params.width:     # clipped: measure what is visible
+            ys, xs = iy0[i] - my + offs, ix0[i] - mx + offs
+            visible = inside[i] & ((ys >= 0) & (ys < params.height))[:, None] & ((xs >= 0) & (xs < params.width))
+            rr, cc = np.nonzero(visible)
+            if rr.size == 0:
+                continue          # its bounding box grazes the image, the ellipse does not
+            y0, y1, x0, x1 = int(ys[rr.min()]), int(ys[rr.max()]) + 1, int(xs[cc.min()]), int(xs[cc.max()]) + 1
+        bbox[i] = (y0, x0, y1, x1)
+    shown = np.fromiter(bbox, np.int64, len(bbox))
     n_infected = exact_count(rng, params.parasitemia * len(shown))
     stage_idx = np.zeros(n, np.int64)
     infected = rng.choice(shown, size=n_infected, replace=False) if n_infected else np.empty(0, np.int64)
@@ -295,15 +307,9 @@ def render_image(params: SyntheticParams, index: int) -> SyntheticImage:
     cls_raster = np.where(instance > 0, cls[owner_canvas[crop]], 0).astype(np.uint8)
     truth_cells = []
     for new, i in enumerate(shown, start=1):
-        y0, y1 = int(y_first[i]) - my, int(y_last[i]) + 1 - my
-        x0, x1 = int(x_first[i]) - mx, int(x_last[i]) + 1 - mx
-        clipped = y0 < 0 or x0 < 0 or y1 > params.height or x1 > params.width
-        if clipped:   # the bbox of the part inside the image, not the clipped full bbox
-            ys = iy0[i] - my + np.arange(patch)
-            xs = ix0[i] - mx + np.arange(patch)
-            visible = inside[i] & ((ys >= 0) & (ys < params.height))[:, None] & ((xs >= 0) & (xs < params.width))[None, :]
-            rr, cc = np.nonzero(visible)
-            y0, y1, x0, x1 = int(ys[rr.min()]), int(ys[rr.max()]) + 1, int(xs[cc.min()]), int(xs[cc.max()]) + 1
+        y0, x0, y1, x1 = bbox[i]
+        clipped = bool(y_first[i] < my or x_first[i] < mx or y_last[i] >= my + params.height
+                       or x_last[i] >= mx + params.width)
         truth_cells.append({
             "id": new, "cy": round(float(cells["cy"][i] - my), 3), "cx": round(float(cells["cx"][i] - mx), 3),
             "radius_px": round(float(math.sqrt(cells["a"][i] * cells["b"][i])), 3),
@@ -376,6 +382,19 @@ def _write_one(root: str, params: SyntheticParams, index: int) -> dict:
     }
 
 
+def _worker_init() -> None:
+    """Keep freed arrays in the heap for reuse: without this, glibc maps and zero-fills every large
+    temporary afresh and the kernel time (page faults) matches the compute time."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)   # M_MMAP_THRESHOLD: serve arrays up to 1 GiB from the heap
+        libc.mallopt(-1, 1 << 31)   # M_TRIM_THRESHOLD: do not hand freed heap back to the kernel
+    except (OSError, AttributeError):
+        pass   # not glibc: only slower
+
+
 def _mp_context():
     """fork when TensorFlow is not loaded in this process (fast start), spawn otherwise (fork after TF is unsafe)."""
     if "tensorflow" not in sys.modules and "fork" in multiprocessing.get_all_start_methods():
@@ -441,7 +460,7 @@ def generate_dataset(out: str | os.PathLike, images: int, size: int | tuple[int,
                     entries.append(_write_one(str(root), p, i))
                     bar.update()
             else:
-                with ProcessPoolExecutor(workers, mp_context=_mp_context()) as pool:
+                with ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_worker_init) as pool:
                     futures = [pool.submit(_write_one, str(root), p, i) for i in range(images)]
                     for fut in as_completed(futures):
                         entries.append(fut.result())

@@ -63,7 +63,7 @@ def _grid_field(f: dataclasses.Field) -> tuple[str, Any, Any]:
     """A grid axis accepts a list of values (or one value) of the point axis' type."""
     inner = tuple(a for a in typing.get_args(typing.get_type_hints(PointSpec)[f.name]) if a is not type(None))
     scalar = typing.Union[inner] if len(inner) > 1 else inner[0]
-    return f.name, typing.Optional[typing.Union[list[scalar], scalar]], field(default=None)
+    return f.name, typing.Optional[typing.Union[scalar, list[scalar]]], field(default=None)
 
 
 #: The axes of a `grid:` mapping: each a list of values (one value = a list of one).

@@ -49,7 +49,8 @@ class ModelSpec:
     """Everything the training engine needs to train and score one model generically.
 
     ``loss(y_true, y_pred)`` -> float32 scalar; ``metrics(y_true, y_pred)`` -> dict of float32 scalars for one batch;
-    ``reduce_metrics(batches)`` -> dict of floats over many batches (see ``TOTAL_SUFFIX``).
+    ``reduce_metrics(batches)`` -> dict of floats over many batches (see ``TOTAL_SUFFIX``). ``y_true`` is the dict
+    of ``targets.shapes`` keys; a model with one target also takes the bare tensor. ``y_pred`` is the model output.
     """
     name: str
     preset: str
@@ -120,8 +121,28 @@ def model_spec(name: str, preset: str = "tiny", patch: int | None = None, in_cha
     """The ``ModelSpec`` matching ``build_model`` with the same arguments."""
     _, config, patch, in_channels = _resolve(name, preset, patch, in_channels, options)
     parts = _SPECS[name](config, patch)
+    as_dict = _target_dict(name, tuple(parts["targets"].shapes))
+    loss, batch_metrics = parts.pop("loss"), parts.pop("metrics")
     return ModelSpec(name=name, preset=preset, config=config, patch=patch, in_channels=in_channels,
-                     input_kind=INPUT_KINDS[name], input_shape=(patch, patch, in_channels), **parts)
+                     input_kind=INPUT_KINDS[name], input_shape=(patch, patch, in_channels),
+                     loss=lambda y_true, y_pred: loss(as_dict(y_true), y_pred),
+                     metrics=lambda y_true, y_pred: batch_metrics(as_dict(y_true), y_pred), **parts)
+
+
+def _target_dict(name: str, keys: tuple[str, ...]) -> Callable[[Any], Mapping[str, Any]]:
+    """Accept the target dict, or for a one-target model the bare tensor, and name what is missing."""
+    fix = "make them with spec.targets.from_truth" + (" or build with defocus_head=False" if name == "refocus" else "")
+
+    def as_dict(y_true):
+        if not isinstance(y_true, Mapping):
+            if len(keys) == 1:
+                return {keys[0]: y_true}
+            raise DataError(f"{name} targets are a dict with the keys {list(keys)}, got a single tensor; {fix}")
+        missing = [k for k in keys if k not in y_true]
+        if missing:
+            raise DataError(f"{name} targets need the keys {list(keys)} but {missing} are missing; {fix}")
+        return y_true
+    return as_dict
 
 
 def _truth(truth: Mapping[str, Any], key: str, name: str):

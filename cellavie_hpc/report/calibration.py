@@ -10,6 +10,10 @@ the last two terms a ring all-reduce of the gradients (2(N-1) latency hops of al
 Non-negative weighted least squares (relative error) over every measured point of a series;
 uncertainty from a bootstrap over points; a held-out check fits without the largest world size
 and predicts it. Measured and projected figures stay in separate tables (column `source`).
+
+With a measured allreduce fit (`report.comm_model.CommFit`, ring, from `benchmarks/allreduce.py`) the
+exchange is not fitted: alpha is the measured hop latency and gamma = beta x the fit's gradient bytes,
+and only t0 and c are fitted (`comm=` of `calibrate`).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -26,6 +30,9 @@ import pandas as pd
 from cellavie_hpc.errors import UserError
 from cellavie_hpc.report.efficiency import SERIES_KEYS, series_label
 from cellavie_hpc.report.stats import bootstrap
+
+if TYPE_CHECKING:
+    from cellavie_hpc.report.comm_model import CommFit
 
 PARAMS = ("t0_s", "compute_s_per_sample", "alpha_s", "gamma_s")
 PROJECTION_GPUS = tuple(2 ** k for k in range(10))  # 1 .. 512
@@ -57,11 +64,26 @@ def nnls_small(a: np.ndarray, y: np.ndarray) -> np.ndarray:
     return best
 
 
-def fit_step_time(world_size: np.ndarray, batch_per_gpu: np.ndarray, step_time_s: np.ndarray) -> np.ndarray:
-    """Parameters (t0, c, alpha, gamma) minimising the relative error of the modelled step time."""
+def measured_exchange(comm: CommFit) -> np.ndarray:
+    """(alpha, gamma) from a measured ring allreduce fit of the full gradient."""
+    if comm.algorithm != "ring" or not comm.gradient_bytes:
+        raise UserError(f"comm fit {comm.engine!r}: the step-time model needs a ring fit with gradient_bytes, "
+                        f"got algorithm {comm.algorithm!r}, gradient_bytes {comm.gradient_bytes!r}")
+    return np.array([comm.alpha_s, comm.inv_bandwidth_s_per_byte * comm.gradient_bytes])
+
+
+def fit_step_time(world_size: np.ndarray, batch_per_gpu: np.ndarray, step_time_s: np.ndarray,
+                  comm: CommFit | None = None) -> np.ndarray:
+    """Parameters (t0, c, alpha, gamma) minimising the relative error of the modelled step time.
+
+    With `comm`, alpha and gamma are the measured ones and only t0 and c are fitted.
+    """
     t = np.asarray(step_time_s, np.float64)
     a = design(world_size, batch_per_gpu) / t[:, None]
-    return nnls_small(a, np.ones_like(t))
+    if comm is None:
+        return nnls_small(a, np.ones_like(t))
+    exchange = measured_exchange(comm)
+    return np.concatenate([nnls_small(a[:, :2], 1 - a[:, 2:] @ exchange), exchange])
 
 
 def predict_step_time(params: np.ndarray, world_size: Any, batch_per_gpu: Any) -> np.ndarray:
@@ -86,6 +108,7 @@ class SeriesCalibration:
     samples_per_image: float | None = None
     gpus_per_node: int = 1
     bootstrap_params: list[list[float]] = field(default_factory=list)
+    exchange_source: str = "fitted"
 
     def vector(self) -> np.ndarray:
         return np.array([self.params[p] for p in PARAMS])
@@ -115,18 +138,21 @@ def _measured(points: pd.DataFrame) -> pd.DataFrame:
 
 
 def calibrate_series(series: pd.DataFrame, keys: dict[str, Any], repeats: int = 200,
-                     seed: int = 0) -> SeriesCalibration:
-    """Fit one series' measured points; bootstrap; held-out check at the largest world size."""
+                     seed: int = 0, comm: CommFit | None = None) -> SeriesCalibration:
+    """Fit one series' measured points; bootstrap; held-out check at the largest world size.
+
+    With `comm` the exchange term is the measured allreduce (its uncertainty is the comm fit's).
+    """
     frame = _measured(series)
     n, b, t = (frame[c].to_numpy(float) for c in ("world_size", "batch_per_gpu", "step_time_s"))
-    params = fit_step_time(n, b, t)
+    params = fit_step_time(n, b, t, comm)
     rel = predict_step_time(params, n, b) / t - 1
-    boot = bootstrap(len(t), lambda idx: fit_step_time(n[idx], b[idx], t[idx]), repeats=repeats, seed=seed)
+    boot = bootstrap(len(t), lambda idx: fit_step_time(n[idx], b[idx], t[idx], comm), repeats=repeats, seed=seed)
     heldout, note = [], ""
     multi = sorted(set(n[n > 1]))
     if len(multi) >= 2:
         train = n < multi[-1]
-        p_train = fit_step_time(n[train], b[train], t[train])
+        p_train = fit_step_time(n[train], b[train], t[train], comm)
         for i in np.flatnonzero(~train):
             predicted = float(predict_step_time(p_train, n[i], b[i])[0])
             heldout.append({"gpus": int(n[i]), "batch_per_gpu": float(b[i]), "measured_step_time_s": float(t[i]),
@@ -137,20 +163,28 @@ def calibrate_series(series: pd.DataFrame, keys: dict[str, Any], repeats: int = 
     ipe = pd.to_numeric(frame.get("images_per_epoch"), errors="coerce").max() if "images_per_epoch" in frame else np.nan
     gpn = pd.to_numeric(frame.get("gpus_per_node"), errors="coerce").max() if "gpus_per_node" in frame else np.nan
     ref_b = float(pd.Series(b).mode().max())
+    std = boot.std(axis=0) if len(boot) else np.full(4, np.nan)
+    if comm is not None:
+        std[2:] = [comm.alpha_std_s, comm.inv_bandwidth_std_s_per_byte * comm.gradient_bytes]
     return SeriesCalibration(
         series=keys, label=series_label(keys), params=dict(zip(PARAMS, map(float, params))),
-        params_std=dict(zip(PARAMS, map(float, boot.std(axis=0) if len(boot) else np.full(4, np.nan)))),
+        params_std=dict(zip(PARAMS, map(float, std))),
         points=int(len(t)), measured_gpus=sorted(int(x) for x in set(n)), reference_batch_per_gpu=ref_b,
         fit_rms_rel_error=float(np.sqrt(np.mean(rel ** 2))), heldout=heldout, heldout_note=note,
         samples_per_epoch=float(spe) if np.isfinite(spe) else None,
         samples_per_image=float(spe / ipe) if np.isfinite(spe) and np.isfinite(ipe) and ipe > 0 else None,
         gpus_per_node=int(gpn) if np.isfinite(gpn) and gpn >= 1 else 1,
         bootstrap_params=[list(map(float, row)) for row in boot],
+        exchange_source=f"measured: {comm.engine}" if comm is not None else "fitted",
     )
 
 
-def calibrate(points: pd.DataFrame, repeats: int = 200, seed: int = 0) -> list[SeriesCalibration]:
-    """One calibration per series with a single-GPU point or at least three measured points."""
+def calibrate(points: pd.DataFrame, repeats: int = 200, seed: int = 0,
+              comm: CommFit | None = None) -> list[SeriesCalibration]:
+    """One calibration per series with a single-GPU point or at least three measured points.
+
+    `comm` (a measured allreduce fit) applies to the series of its model (all series if it names none).
+    """
     if points.empty:
         return []
     keys = [k for k in SERIES_KEYS if k in points]
@@ -161,8 +195,9 @@ def calibrate(points: pd.DataFrame, repeats: int = 200, seed: int = 0) -> list[S
         if not ((series["world_size"] == 1).any() or len(series) >= 3):
             continue
         values = values if isinstance(values, tuple) else (values,)
-        out.append(calibrate_series(series, {k: (v if v != "" else None) for k, v in zip(keys, values)},
-                                    repeats=repeats, seed=seed))
+        series_keys = {k: (v if v != "" else None) for k, v in zip(keys, values)}
+        use = comm if comm is not None and comm.model in (None, series_keys.get("model")) else None
+        out.append(calibrate_series(series, series_keys, repeats=repeats, seed=seed, comm=use))
     return out
 
 

@@ -16,7 +16,7 @@ from cellavie_hpc.models.targets import cell_boxes, detector_targets
 PATCH = {"refocus": 32, "unet": 32, "detector": 32, "classifier": 16}
 
 
-def synthetic_batch(name: str, count: int = 8, seed: int = 0):
+def synthetic_batch(name: str, count: int = 8, seed: int = 0, **options):
     """(inputs, targets) of the model's input kind, targets made by the spec through tf.data as the pipeline does."""
     rng = np.random.default_rng(seed)
     patch = PATCH[name]
@@ -27,7 +27,7 @@ def synthetic_batch(name: str, count: int = 8, seed: int = 0):
         instance, cls, phase = random_tiles(rng, count, patch)
     truth = {"instance": instance, "cls": cls, "phase": phase,
              "focus_distance_m": rng.uniform(-20e-6, 20e-6, count).astype(np.float32)}
-    spec = model_spec(name, "tiny", patch=patch)
+    spec = model_spec(name, "tiny", patch=patch, **options)
     (y,) = tf.data.Dataset.from_tensor_slices(truth).map(spec.targets.from_truth).batch(count).take(1)
     x = defocused_field(phase) if name == "refocus" else phase[..., None]
     return tf.constant(x), y
@@ -79,9 +79,10 @@ def test_loss_and_metrics_run_in_a_graph(name):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_loss_falls_on_synthetic_discs(name):
     keras.utils.set_random_seed(7)
-    x, y = synthetic_batch(name, count=4)
-    model = build_model(name, "tiny", patch=PATCH[name])
-    spec = model_spec(name, "tiny", patch=PATCH[name])
+    options = {"defocus_head": True} if name == "refocus" else {}  # both refocus heads learn
+    x, y = synthetic_batch(name, count=4, **options)
+    model = build_model(name, "tiny", patch=PATCH[name], **options)
+    spec = model_spec(name, "tiny", patch=PATCH[name], **options)
     losses = train(model, spec, x, y, steps=10)
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.7 * losses[0], losses
@@ -125,10 +126,11 @@ def mixed_precision():
 
 @pytest.mark.parametrize("name", ["refocus", "detector"])
 def test_mixed_float16_computes_in_half_and_returns_float32_loss(name, mixed_precision):
-    model = build_model(name, "tiny", patch=PATCH[name])
-    spec = model_spec(name, "tiny", patch=PATCH[name])
+    options = {"defocus_head": True} if name == "refocus" else {}
+    model = build_model(name, "tiny", patch=PATCH[name], **options)
+    spec = model_spec(name, "tiny", patch=PATCH[name], **options)
     assert model.get_layer("stem_conv" if name == "refocus" else "stem1_conv").compute_dtype == "float16"
-    x, y = synthetic_batch(name, count=2)
+    x, y = synthetic_batch(name, count=2, **options)
     out = model(x, training=True)
     assert all(v.dtype == tf.float32 for v in out.values())
     loss = spec.loss(y, out)
@@ -191,8 +193,24 @@ def test_registry_rejects_bad_requests_with_suggestions():
         build_model("unet", "tiny", widht=4)
     with pytest.raises(ConfigError, match="2 x angles"):
         build_model("refocus", "tiny", in_channels=3)
+    head = model_spec("refocus", "tiny", patch=16, defocus_head=True)
     with pytest.raises(DataError, match="focus_distance_m"):
-        model_spec("refocus", "tiny", patch=16).targets.from_truth({"phase": np.zeros((16, 16), np.float32)})
-    spec = model_spec("refocus", "tiny", patch=16, defocus_head=False, dilations=[1, 2])
+        head.targets.from_truth({"phase": np.zeros((16, 16), np.float32)})
+    phase = np.zeros((1, 16, 16, 1), np.float32)
+    with pytest.raises(DataError, match="got a single tensor; .* defocus_head=False"):
+        head.loss(phase, {"phase": phase})
+    with pytest.raises(DataError, match=r"\['defocus_um'\] are missing"):
+        head.metrics({"phase": phase}, {"phase": phase})
+    assert set(build_model("refocus", "tiny", patch=16, defocus_head=True).output) == {"phase", "defocus_um"}
+    spec = model_spec("refocus", "tiny", patch=16, dilations=[1, 2])
     assert spec.config.dilations == (1, 2) and set(spec.targets.shapes) == {"phase"}
-    assert set(build_model("refocus", "tiny", patch=16, defocus_head=False).output) == {"phase"}
+    assert set(build_model("refocus", "tiny", patch=16).output) == {"phase"}
+
+
+def test_single_target_models_accept_the_bare_tensor():
+    spec = model_spec("unet", "tiny", patch=16)
+    labels = np.zeros((1, 16, 16), np.int32)
+    labels[0, 4:8, 4:8] = 1
+    logits = {"logits": np.eye(3, dtype=np.float32)[labels] * 4}
+    assert float(spec.loss(labels, logits)) == pytest.approx(float(spec.loss({"classes": labels}, logits)))
+    assert float(spec.metrics(labels, logits)["iou_interior"]) == 1.0

@@ -1,0 +1,74 @@
+"""Screening accuracy against ground truth: which true cell each detection is, and cell-level rates.
+
+A detection is the true cell whose instance raster holds its centre (or, for a centre that falls just
+outside a cell, the cell most present in a small window around it). Counting is per true cell, because
+a screen's question is per cell: an infected cell is *found* when some detection of it is called
+infected (tp), else missed (fn, also when it was not detected at all); a healthy cell called infected
+is a false positive, and so is a detection on background called infected. False positives are also
+given per million healthy cells, the figure that matters at parasitaemias of 1e-3 to 1e-5.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+COUNT_KEYS = ("cells", "infected", "healthy", "detected", "duplicates", "spurious", "tp", "fn", "fp", "tn")
+
+
+def match_detections(cy: np.ndarray, cx: np.ndarray, instance: np.ndarray, window_px: int = 2) -> np.ndarray:
+    """True cell id (0 = background) of each detection centre (pixels) on the instance raster (H, W)."""
+    h, w = instance.shape
+    iy = np.clip(np.rint(np.asarray(cy, np.float64)).astype(np.int64), 0, h - 1)
+    ix = np.clip(np.rint(np.asarray(cx, np.float64)).astype(np.int64), 0, w - 1)
+    ids = instance[iy, ix].astype(np.int64)
+    for k in np.flatnonzero(ids == 0):
+        y, x = iy[k], ix[k]
+        patch = instance[max(0, y - window_px):y + window_px + 1, max(0, x - window_px):x + window_px + 1]
+        present = patch[patch > 0]
+        if present.size:
+            values, counts = np.unique(present, return_counts=True)
+            ids[k] = values[np.argmax(counts)]
+    return ids
+
+
+def evaluate_image(truth_cells: list[dict], instance: np.ndarray, cy, cx, called_infected) -> dict:
+    """Counts (`COUNT_KEYS`) of one image plus the missed infected cells and the false positives (lists)."""
+    called = np.asarray(called_infected, bool).reshape(-1)
+    ids = match_detections(cy, cx, instance)
+    infected_ids = {int(c["id"]) for c in truth_cells if c["infected"]}
+    stage_of = {int(c["id"]): c["stage"] for c in truth_cells}
+    hit = set(ids[ids > 0].tolist())
+    positive = set(ids[(ids > 0) & called].tolist())
+    spurious_positive = int(np.count_nonzero((ids == 0) & called))
+    healthy_positive = positive - infected_ids
+    n_healthy = len(truth_cells) - len(infected_ids)
+    missed = sorted(infected_ids - positive)
+    counts = {
+        "cells": len(truth_cells), "infected": len(infected_ids), "healthy": n_healthy, "detected": len(hit),
+        "duplicates": int(np.count_nonzero(ids > 0)) - len(hit), "spurious": int(np.count_nonzero(ids == 0)),
+        "tp": len(positive & infected_ids), "fn": len(missed),
+        "fp": len(healthy_positive) + spurious_positive, "tn": n_healthy - len(healthy_positive),
+    }
+    counts["missed_infected"] = [{"id": i, "stage": stage_of[i], "detected": i in hit} for i in missed]
+    detections = np.flatnonzero(called & ((ids == 0) | np.isin(ids, sorted(healthy_positive))))
+    counts["false_positives"] = [{"detection": int(k), "true_cell": int(ids[k])} for k in detections]
+    return counts
+
+
+def rates(counts: dict) -> dict:
+    """Sensitivity, specificity, false positives per million healthy cells, detection recall (NaN if undefined)."""
+    def ratio(a, b):
+        return a / b if b else float("nan")
+
+    return {
+        "sensitivity": ratio(counts["tp"], counts["tp"] + counts["fn"]),
+        "specificity": ratio(counts["tn"], counts["tn"] + counts["fp"]),
+        "false_positives_per_million_healthy": ratio(counts["fp"] * 1e6, counts["healthy"]),
+        "detection_recall": ratio(counts["detected"], counts["cells"]),
+        "precision": ratio(counts["tp"], counts["tp"] + counts["fp"]),
+    }
+
+
+def combine(per_image: list[dict]) -> dict:
+    """Sum the counts of many images and derive the rates from the sums (not a mean of per-image rates)."""
+    total = {k: int(sum(c[k] for c in per_image)) for k in COUNT_KEYS}
+    return {"counts": total, **rates(total)}
