@@ -111,7 +111,7 @@ def main() -> int:
         band = f"{fit.bandwidth_p5_bytes_per_s / 1e9:.2f}-{fit.bandwidth_p95_bytes_per_s / 1e9:.2f}"
         print(f"{label:>14} {fit.alpha_s * 1e6:8.1f} +-{fit.alpha_std_s * 1e6:6.1f} "
               f"{fit.bandwidth_bytes_per_s / 1e9:16.3f} {band:>14} {fit.rms_rel_error:8.1%} {fit.max_rel_error:8.1%} "
-              f"{fit.predict(grad, args.nproc)[0] * 1e3:13.2f} {medians[label][-1] * 1e3:13.2f} "
+              f"{float(fit.predict(grad, args.nproc)) * 1e3:13.2f} {medians[label][-1] * 1e3:13.2f} "
               f"{str(runs[label].check_ok):>8}")
     print("\nenvironment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     print(f"records and fits: {out} (comm_fits.json); total {time.perf_counter() - start:.0f} s")

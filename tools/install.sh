@@ -4,7 +4,8 @@
 # build/install Horovod via tools/build_horovod.sh (pins for Horovod live there).
 #
 # Idempotent and fast on re-runs: each step is skipped when already satisfied
-# (second run: ~15 s, dominated by importing TensorFlow for the Horovod check).
+# (second run: ~5 s on an idle machine, dominated by importing TensorFlow for the
+# Horovod check).
 #
 # Environment:
 #   PYTHON_BIN               interpreter for a new venv (default: python3.11)

@@ -96,7 +96,6 @@ def test_same_seed_same_image_and_different_seed_different_image():
     assert not np.array_equal(a.instance, c.instance)
 
 
-@pytest.mark.slow
 def test_multi_process_output_equals_single_process(tmp_path):
     m1 = generate_dataset(tmp_path / "one", images=3, workers=1, **SMALL)
     m2 = generate_dataset(tmp_path / "two", images=3, workers=2, **SMALL)
@@ -107,9 +106,9 @@ def test_multi_process_output_equals_single_process(tmp_path):
 def test_exact_count_sampling_has_the_right_expectation():
     rng = np.random.default_rng(0)
     for expected in (1e-5 * 1400, 0.37, 2.5):
-        draws = np.array([exact_count(rng, expected) for _ in range(200_000)])
+        draws = np.array([exact_count(rng, expected) for _ in range(100_000)])
         assert set(np.unique(draws)) <= {np.floor(expected), np.ceil(expected)}
-        assert draws.mean() == pytest.approx(expected, rel=0.05, abs=3e-4)
+        assert draws.mean() == pytest.approx(expected, rel=0.08, abs=3e-4)
 
 
 def test_low_parasitemia_is_zero_or_one_infected_cell_per_image():

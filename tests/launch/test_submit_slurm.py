@@ -82,6 +82,13 @@ def test_preempted_task_checkpoints_requeues_and_completes(sweeps):
     wait_until(lambda: rank_file.exists() and rank_file.read_text().count('"kind":"step"') >= 3, TIMEOUT_S,
                "3 step records")
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
+
+    def requeued() -> bool:
+        info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+        return "Restarts=1" in info and "JobState=PENDING" in info
+    wait_until(requeued, TIMEOUT_S, "the requeue")
+    # Slurm holds a requeued batch job for ~2 minutes (BeginTime); the test does not need to wait for that.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     assert sweeps["cluster"].wait_job(job, TIMEOUT_S) == "COMPLETED"
     rec = records(sweep_dir / entry.run_dir, 0)
     finals = [r["status"] for r in rec if r["kind"] == "final"]

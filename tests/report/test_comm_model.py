@@ -48,7 +48,7 @@ def test_fit_recovers_latency_and_bandwidth(algorithm):
     assert 0 < fit.alpha_std_s < 0.1 * ALPHA_S and 0 < fit.inv_bandwidth_std_s_per_byte < 0.03 * INV_BW
     assert fit.bandwidth_p5_bytes_per_s < 1 / INV_BW * 1.03 and fit.bandwidth_p95_bytes_per_s > 1 / INV_BW * 0.97
     assert fit.rms_rel_error < 0.05 and fit.points == n.size and fit.world_sizes == (2, 4, 8)
-    assert fit.predict(64e6, 16)[0] == pytest.approx(cm.allreduce_time_s(64e6, 16, ALPHA_S, INV_BW, algorithm), rel=0.05)
+    assert float(fit.predict(64e6, 16)) == pytest.approx(cm.allreduce_time_s(64e6, 16, ALPHA_S, INV_BW, algorithm), rel=0.05)
 
 
 def test_outliers_do_not_drag_the_robust_fit():
