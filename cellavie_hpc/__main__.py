@@ -3,4 +3,5 @@ import sys
 
 from cellavie_hpc.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # generator workers started with "spawn" re-import this module
+    sys.exit(main())

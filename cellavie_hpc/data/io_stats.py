@@ -81,6 +81,24 @@ def window_io(layout: PageLayout, y: int, x: int, h: int, w: int) -> IOStats:
     return IOStats(1, sum(layout.bytecounts[s] for s in segments), decoded, used)
 
 
+def layout_model(height: int, width: int, pixel_bytes: int, *, tile: tuple[int, int] | None = None,
+                 rowsperstrip: int | None = None) -> PageLayout:
+    """An uncompressed page layout without a file (tiled, or strips of `rowsperstrip` rows), for planning:
+    `window_io` on it gives the bytes a read would decode in that layout (file bytes = decoded bytes)."""
+    if (tile is None) == (rowsperstrip is None):
+        raise ValueError("give exactly one of tile=(rows, cols) or rowsperstrip")
+    chunk = tile if tile is not None else (rowsperstrip, width)
+    count = -(-height // chunk[0]) * (-(-width // chunk[1]) if tile is not None else 1)
+    full = chunk[0] * chunk[1] * pixel_bytes
+    counts = [full] * count
+    if tile is None:
+        counts[-1] = (height - (count - 1) * chunk[0]) * width * pixel_bytes
+    return PageLayout(index=0, shape=(height, width, pixel_bytes), dtype=np.dtype(np.uint8),
+                      file_dtype=np.dtype(np.uint8), tiled=tile is not None, chunk=chunk, planar_separate=False,
+                      compression="none", offsets=tuple(range(count)), bytecounts=tuple(counts),
+                      memmap_offset=None, decode=None)
+
+
 class CountingDataset:
     """A data-set view that counts read amplification per file kind (`field`, `truth`); reads are unchanged.
 

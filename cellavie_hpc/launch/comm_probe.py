@@ -332,7 +332,10 @@ def local_commands(engine: str, launcher: str, run_dir: str | Path, nproc: int =
         return [([str(horovodrun) if horovodrun.exists() else "horovodrun", "--gloo", "-np", str(nproc), "-H",
                   f"localhost:{nproc}", "--network-interfaces", "lo", "--start-timeout", "60", *probe], {})]
     if launcher == "mpirun":
-        return [([shutil.which("mpirun") or "mpirun", "-np", str(nproc), "--oversubscribe", "--bind-to", "none",
+        # Oversubscribing makes idle ranks yield the core (a scheduler slice per message on a busy host), so
+        # only when there are more ranks than cores.
+        crowded = ["--oversubscribe"] if nproc > (os.cpu_count() or 1) else []
+        return [([shutil.which("mpirun") or "mpirun", "-np", str(nproc), *crowded, "--bind-to", "none",
                   "--mca", "btl", "self,vader,tcp", "--mca", "btl_tcp_if_include", "lo",
                   "--mca", "oob_tcp_if_include", "lo", *probe],
                  {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})]

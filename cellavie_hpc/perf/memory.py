@@ -98,7 +98,7 @@ class TrialSpec:
     precision: str = "fp32"
     xla: bool = False
     steps: int = 2
-    budget_bytes: int | None = None
+    budget_bytes: int | None = None   # None: half the machine's memory on a CPU, the device's limit on a GPU
     runner: str = "engine"
 
     def __post_init__(self) -> None:
@@ -126,7 +126,8 @@ def run_trial(spec: TrialSpec, batch: int, timeout_s: float = 900, env: dict[str
     if proc.returncode == 0:
         return Trial(batch, True, reason="fits", **common)
     if proc.returncode == EXIT_OVER_BUDGET:
-        return Trial(batch, False, reason=f"over budget of {spec.budget_bytes} bytes", **common)
+        return Trial(batch, False, reason=f"over the memory budget ({spec.budget_bytes or 'half the RAM'} bytes)",
+                     **common)
     if proc.returncode == EXIT_EXHAUSTED:
         return Trial(batch, False, reason=f"out of memory: {report.get('error', '')[:200]}", **common)
     if proc.returncode < 0:
@@ -173,6 +174,22 @@ def format_table(rows: Sequence[dict]) -> str:
                       f"{r['largest_batch']}{'+' if r['limit_reached'] else ''}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
+
+
+def run_memory(out: str | Path, models: Sequence[str], patches: Sequence[int], *, preset: str = "tiny",
+               precision: str = "fp32", xla: bool = False, budget_bytes: int | None = None,
+               runner: str = "engine", start: int = 1, limit: int = 1024, progress: bool = True
+               ) -> tuple[list[dict], str]:
+    """`cellavie bench --memory`: the search for every model x patch; writes OUT/memory.json and memory.txt."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = [TrialSpec(m, preset, p, precision, xla, budget_bytes=budget_bytes, runner=runner)
+             for m in models for p in patches]
+    rows = search_table(specs, start, limit, progress)
+    table = format_table(rows)
+    (out / "memory.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out / "memory.txt").write_text(table + "\n")
+    return rows, table
 
 
 def _last_json(text: str) -> dict:
@@ -258,8 +275,12 @@ def _trial_main(argv: list[str]) -> int:
         from cellavie_hpc.train import environment as probe  # noqa: F811 - the engine's memory probe
     keras.ops.convert_to_numpy(keras.ops.ones((1,)))  # the runtime is up: what is left is the trial's
     baseline = _rss_bytes()
-    if spec.budget_bytes is not None and probe.peak_memory()[1] == "rss":
-        threading.Thread(target=_watch_rss, args=(spec.budget_bytes,), daemon=True).start()
+    on_cpu = probe.peak_memory()[1] == "rss"
+    budget = spec.budget_bytes
+    if budget is None and on_cpu:
+        budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    if budget is not None and on_cpu:
+        threading.Thread(target=_watch_rss, args=(budget,), daemon=True).start()
     try:
         (_portable_steps if spec.runner == "portable" else _engine_steps)(spec, batch)
     except Exception as err:  # noqa: BLE001 - classified: out-of-memory vs a real error
@@ -268,7 +289,7 @@ def _trial_main(argv: list[str]) -> int:
         print(json.dumps({"error": f"{type(err).__name__}: {str(err)[:500]}", "baseline_bytes": baseline}), flush=True)
         return EXIT_EXHAUSTED
     used, source = probe.peak_memory()
-    if spec.budget_bytes is not None and used > spec.budget_bytes:
+    if budget is not None and used > budget:
         print(json.dumps({"peak_bytes": used, "baseline_bytes": baseline, "source": source}), flush=True)
         return EXIT_OVER_BUDGET
     print(json.dumps({"peak_bytes": used, "baseline_bytes": baseline, "source": source}), flush=True)

@@ -279,6 +279,36 @@ def format_table(points) -> str:
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows)
 
 
+def run_bench(out: str | Path, *, sweep_file: str | Path | None = None, scale: str | None = None,
+              overrides: Sequence[str] = (), quick: bool = False, repeats: int | None = None,
+              dataset: str | Path | None = None, progress: bool = True, timeout_s: float = 1800):
+    """`cellavie bench`: run the methodology (or a sweep file's points) into OUT and collect it.
+
+    Layout: OUT/dataset (generated unless `dataset`), OUT/runs/<run id>/ (records, config),
+    OUT/results/ (the collector's tables; `cellavie report OUT/results` draws the curves),
+    OUT/bench.txt (the table returned). Returns (points table, text table, per-point runs).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if sweep_file is not None:
+        configs = sweep_configs(sweep_file, out, scale, overrides)
+    else:
+        method = default_methodology(quick)
+        if repeats is not None:
+            method = dataclasses.replace(method, repeats=repeats)
+        path = Path(dataset) if dataset else ensure_dataset(out, *dataset_size_for(method.points()))
+        configs = methodology_configs(method, path)
+    runs = run_points(configs, out / "runs", progress, timeout_s)
+    points = summarize(out / "runs", out / "results")
+    table = format_table(points)
+    failed = [r for r in runs if r.returncode]
+    if failed:
+        table += "\n\nfailed points (their records say why):\n" + "\n".join(
+            f"  {r.run_id}: exit {r.returncode} {r.error or ''}" for r in failed)
+    (out / "bench.txt").write_text(table + "\n")
+    return points, table, runs
+
+
 def _worker(argv: list[str]) -> int:
     """Subprocess entry: TF32 on/off, then the engine's `train()` on CONFIG into RUN_DIR."""
     import argparse

@@ -17,13 +17,12 @@ utilisation) compares like with like on this device.
 from __future__ import annotations
 
 import dataclasses
-import os
 import platform
 import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import keras
 import numpy as np
@@ -266,43 +265,32 @@ def measure(model: str = "unet", preset: str = "tiny", patch: int = 64, batch: i
         mem_source=source)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m cellavie_hpc.perf.portable [--model unet] ...`: one line per configuration (KERAS_BACKEND picks)."""
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--model", action="append", choices=("refocus", "unet", "detector", "classifier"))
-    parser.add_argument("--preset", default="tiny", choices=("tiny", "base"))
-    parser.add_argument("--patch", type=int, action="append")
-    parser.add_argument("--batch", type=int, action="append")
-    parser.add_argument("--precision", action="append", choices=PRECISIONS)
-    parser.add_argument("--no-jit", action="store_true")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def run_table(models: Sequence[str], patches: Sequence[int], batches: Sequence[int], precisions: Sequence[str],
+              preset: str = "tiny", jit: bool = True, steps: int = 20, warmup: int = 3) -> list[PortableResult]:
+    """Every model x precision x patch x batch, each with the matmul peak of its compute dtype (probed once)."""
     peaks: dict[str, float] = {}
-    print(f"backend {backend()}, device {device()}", file=sys.stderr)
-    for name in args.model or ["unet"]:
-        for precision in args.precision or ["fp32"]:
-            dtype = COMPUTE_DTYPE[precision]
-            if dtype not in peaks:
-                set_precision(precision)
-                peaks[dtype] = matmul_peak_flops(dtype)
-            for patch in args.patch or [64]:
-                for batch in args.batch or [8]:
-                    r = measure(name, args.preset, patch, batch, precision, not args.no_jit, args.steps,
-                                peak_flops_per_s=peaks[dtype])
-                    if args.json:
-                        print(json.dumps(dataclasses.asdict(r) | {"mfu": r.mfu}))
-                    else:
-                        print(f"{r.model:10s} p{r.patch:<4d} b{r.batch:<4d} {r.precision:15s} jit={int(r.jit)} "
-                              f"{r.samples_per_s:9.1f} samples/s  {r.achieved_flops_per_s / 1e9:8.2f} GFLOP/s "
-                              f"(peak {r.peak_flops_per_s / 1e9:.1f}, MFU {100 * r.mfu:.1f} %)  "
-                              f"mem {r.mem_peak_bytes / 2**20:.0f} MiB ({r.mem_source})", flush=True)
-    return 0
+    results = []
+    for precision in precisions:
+        dtype = COMPUTE_DTYPE[precision]
+        if dtype not in peaks:
+            set_precision(precision)
+            peaks[dtype] = matmul_peak_flops(dtype)
+        for name in models:
+            for patch in patches:
+                for batch in batches:
+                    results.append(measure(name, preset, patch, batch, precision, jit, steps, warmup, peaks[dtype]))
+    return results
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def format_table(results: Sequence[PortableResult]) -> str:
+    lines = [("backend", "model", "patch", "batch", "precision", "jit", "samples/s", "step ms", "p10-p90 ms",
+              "GFLOP/s", "peak GFLOP/s", "MFU %", "mem MiB")]
+    for r in results:
+        lines.append((r.backend, r.model, str(r.patch), str(r.batch), r.precision, "yes" if r.jit else "no",
+                      f"{r.samples_per_s:.1f}", f"{1e3 * r.step_time_median_s:.1f}",
+                      f"{1e3 * r.step_time_p10_s:.1f}-{1e3 * r.step_time_p90_s:.1f}",
+                      f"{r.achieved_flops_per_s / 1e9:.2f}", f"{(r.peak_flops_per_s or 0) / 1e9:.1f}",
+                      f"{100 * r.mfu:.1f}" if r.mfu is not None else "-",
+                      f"{r.mem_peak_bytes / 2**20:.0f} ({r.mem_source})"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)

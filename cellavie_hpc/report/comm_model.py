@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -97,7 +97,6 @@ class CommFit:
     max_rel_error: float
     model: str | None = None
     gradient_bytes: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def bandwidth_bytes_per_s(self) -> float:
@@ -115,7 +114,7 @@ class CommFit:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "comm fit") -> "CommFit":
         names = set(cls.__dataclass_fields__)
-        missing = sorted(n for n in names - {"model", "gradient_bytes", "extra"} if n not in data)
+        missing = sorted(n for n in names - {"model", "gradient_bytes"} if n not in data)
         if missing:
             raise DataError(f"{where}: missing {', '.join(missing)}")
         kwargs = {k: v for k, v in data.items() if k in names}

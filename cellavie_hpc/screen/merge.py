@@ -2,14 +2,16 @@
 
 A large hologram is screened as overlapping tiles. A cell that crosses a tile border is seen whole by
 one tile and cut by its neighbour (or seen whole by both, with slightly different boxes). The merge
-keeps, greedily, the detection that lies deepest inside its own tile (clipped to a margin, then by
-score) and drops every later detection that mostly covers, or is mostly covered by, a kept one:
+first drops detections that touch an inner tile edge (cut pieces: the cell is whole in a neighbour),
+then keeps, greedily, the detection that lies deepest inside its own tile (clipped to a margin, then
+by score) and drops every later detection that mostly covers, or is mostly covered by, a kept one:
 intersection over the *smaller* area (IoMin), not IoU, because a cut piece has a small IoU with the
 whole cell but lies almost entirely inside it. Image borders do not count as tile edges: a cell cut by
 the image border is cut in every tile.
 
 The guarantee (see tests/screen/test_merge.py): when the tile overlap is at least the largest cell
-diameter, every cell lies wholly inside some tile, so exactly one detection per cell survives as long
+diameter plus twice `edge_touch_px` (plus the box error), every cell lies wholly and clear of the edges
+inside some tile, so exactly one detection per cell survives as long
 as two distinct cells never have an IoMin above the threshold (true for red cells, which barely overlap).
 """
 from __future__ import annotations
@@ -48,12 +50,14 @@ def inner_edge_distance(boxes: np.ndarray, tile_origins: np.ndarray, tile_size: 
 
 
 def merge_tile_detections(boxes, scores, tile_origins, tile_size: tuple[int, int], image_shape: tuple[int, int],
-                          iomin_threshold: float = 0.5, edge_margin_px: float = 8.0) -> np.ndarray:
+                          iomin_threshold: float = 0.5, edge_margin_px: float = 8.0,
+                          edge_touch_px: float = 2.0) -> np.ndarray:
     """Indices of the detections to keep (sorted ascending), one per cell.
 
     `boxes` (N, 4) are image pixels (y0, x0, y1, x1); `tile_origins` (N, 2) the (y, x) of the tile each
-    detection came from; `tile_size` (h, w) pixels. Detections at least `edge_margin_px` from every inner
-    tile edge rank equally by distance, so among them the best score wins.
+    detection came from; `tile_size` (h, w) pixels. Detections closer than `edge_touch_px` to an inner tile
+    edge are dropped; those at least `edge_margin_px` from every inner edge rank equally by distance, so
+    among them the best score wins.
     """
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     scores = np.asarray(scores, np.float64).reshape(-1)
@@ -62,8 +66,9 @@ def merge_tile_detections(boxes, scores, tile_origins, tile_size: tuple[int, int
         raise ValueError(f"boxes ({n}), scores ({scores.shape[0]}) and tile_origins must have one row per detection")
     if n == 0:
         return np.empty(0, np.int64)
-    depth = np.minimum(inner_edge_distance(boxes, tile_origins, tile_size, image_shape), edge_margin_px)
-    order = np.lexsort((-scores, -depth))
+    depth_px = inner_edge_distance(boxes, tile_origins, tile_size, image_shape)
+    order = np.lexsort((-scores, -np.minimum(depth_px, edge_margin_px)))
+    order = order[depth_px[order] >= edge_touch_px]
     # Bucket kept boxes on a grid at least as coarse as the largest box: candidates lie in 3x3 buckets.
     pitch = max(float(np.max(boxes[:, 2:] - boxes[:, :2])), 1.0)
     buckets: dict[tuple[int, int], list[int]] = {}

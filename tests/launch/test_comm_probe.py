@@ -52,15 +52,17 @@ def test_read_comm_run_takes_the_slowest_rank_and_names_problems(tmp_path):
 def _assert_complete(run, sizes, transport):
     assert run.world_size == NPROC and run.transport == transport and run.check_ok
     assert sorted(p.name for p in (run.run_dir / "comm").iterdir()) == ["rank-00000.jsonl", "rank-00001.jsonl"]
-    assert run.message_bytes.tolist() == sizes and run.times_s.shape == (len(sizes), 6)
+    assert run.message_bytes.tolist() == sizes and run.times_s.shape == (len(sizes), 8)
     assert np.all(run.times_s > 0)
-    fastest = run.times_s.min(axis=1)  # lower envelope: robust to the other jobs sharing these cores
-    assert fastest[-1] > fastest[-2] > fastest[0], fastest
+    # Large messages are bandwidth-bound: 64x the bytes must take longer. Compared on the lower envelope
+    # (fastest call), which other jobs sharing the cores can only raise; small messages are latency noise.
+    fastest = run.times_s.min(axis=1)
+    assert fastest[-1] > fastest[-2], fastest
 
 
 def test_mpi4py_probe_under_mpirun(tmp_path):
     require_mpirun()
-    args = ["--gradient-bytes", str(16 << 20), "--min-bytes", "4096", "--factor", "64", "--repeats", "6",
+    args = ["--gradient-bytes", str(16 << 20), "--min-bytes", "4096", "--factor", "64", "--repeats", "8",
             "--warmup", "2"]
     run = cp.launch_local("mpi4py", "mpirun", tmp_path, NPROC, args, timeout_s=120)
     _assert_complete(run, [4096, 262144, 16 << 20], "mpi")
@@ -69,9 +71,10 @@ def test_mpi4py_probe_under_mpirun(tmp_path):
 
 
 @pytest.mark.horovod
+@pytest.mark.slow
 def test_horovod_probe_under_horovodrun_gloo(tmp_path):
     require_horovod()
-    args = ["--gradient-bytes", str(16 << 20), "--min-bytes", "4096", "--factor", "64", "--repeats", "6",
+    args = ["--gradient-bytes", str(16 << 20), "--min-bytes", "4096", "--factor", "64", "--repeats", "8",
             "--warmup", "2"]
     run = cp.launch_local("horovod", "horovodrun", tmp_path, NPROC, args, timeout_s=240)
     _assert_complete(run, [4096, 262144, 16 << 20], "gloo")

@@ -3,6 +3,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from cellavie_hpc.config import from_mapping
 from cellavie_hpc.errors import ConfigError
 from cellavie_hpc.launch.render import check_script, render_point
 from cellavie_hpc.launch.slurm_options import SlurmOptions
-from cellavie_hpc.launch.sweep import SweepSpec, load_sweep, plan
+from cellavie_hpc.launch.sweep import SweepSpec, plan
 
 HERE = Path(__file__).parent
 JOBS = HERE.parents[1] / "jobs"
@@ -131,7 +132,7 @@ def test_render_cli_writes_script_and_config(tmp_path):
     sweep.write_text(yaml.safe_dump(SWEEP))
     out = tmp_path / "out dir"
     script = tmp_path / "p1.sbatch"
-    proc = subprocess.run(["cellavie", "sweep", "render", str(sweep), "--point", "1", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "cellavie_hpc", "sweep", "render", str(sweep), "--point", "1", "--out", str(out),
                            "--script", str(script), "--set", "cluster.partition=debug"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -140,6 +141,6 @@ def test_render_cli_writes_script_and_config(tmp_path):
     assert "#SBATCH --partition=debug" in text
     config = yaml.safe_load((out / "configs" / "p001-multiworker-unet-2x2-r0.yaml").read_text())
     assert config["train"]["backend"] == "multiworker" and config["data"]["dataset"] == str(out / "dataset")
-    bad = subprocess.run(["cellavie", "sweep", "render", str(sweep), "--point", "1", "--out", str(out),
+    bad = subprocess.run([sys.executable, "-m", "cellavie_hpc", "sweep", "render", str(sweep), "--point", "1", "--out", str(out),
                           "--set", "cluster.partition=x;rm -rf ~"], capture_output=True, text=True)
     assert bad.returncode == 2 and "cluster.partition" in bad.stderr and "refused" in bad.stderr

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from cellavie_hpc.errors import ConfigError
+from cellavie_hpc.errors import ConfigError, UserError
 from cellavie_hpc.launch.state import load_state, point_statuses
 from cellavie_hpc.launch.submit import submit_sweep
 from cellavie_hpc.launch.task import port_base, tf_config
@@ -67,7 +66,7 @@ def test_submitting_again_finds_nothing_to_do(local_sweep):
     changed = dict(SWEEP, points=[{"backend": "single", "steps": 4}])
     other = path.with_name("other.yaml")
     other.write_text(yaml.safe_dump(changed))
-    with pytest.raises(Exception, match="holds another sweep"):
+    with pytest.raises(UserError, match="holds another sweep"):
         submit_sweep(other, out=out, cluster="local")
 
 

@@ -28,6 +28,14 @@ def exact_config(tmp_path, dataset, **train):
     return write_config(tmp_path / "c.yaml", dataset, "refocus", **train)
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_dataset):
+    """One process, one replica, batch 4, 4 steps: what every split of the same batch must reproduce."""
+    folder = tmp_path_factory.mktemp("reference")
+    run_train(exact_config(folder, tiny_dataset, steps=4), folder / "run", *EXACT, "train.batch_per_replica=4")
+    return folder / "run"
+
+
 def step_losses(run_dir):
     return [r["loss"] for r in records(run_dir) if r["kind"] == "step"]
 
@@ -115,24 +123,22 @@ def test_killed_rank_leaves_no_completed_status(tmp_path, tiny_dataset):
 
 
 @pytest.mark.slow
-def test_gradient_accumulation_equals_a_bigger_batch(tmp_path, tiny_dataset):
+def test_gradient_accumulation_equals_a_bigger_batch(tmp_path, tiny_dataset, reference):
     config = exact_config(tmp_path, tiny_dataset, steps=4)
     run_train(config, tmp_path / "accum", *EXACT, "train.batch_per_replica=2", "train.grad_accum=2")
-    run_train(config, tmp_path / "big", *EXACT, "train.batch_per_replica=4")
-    assert max_difference(weights(tmp_path / "accum"), weights(tmp_path / "big")) < 1e-5
-    assert step_losses(tmp_path / "accum") == pytest.approx(step_losses(tmp_path / "big"), abs=1e-5)
-    losses = step_losses(tmp_path / "big")
+    assert max_difference(weights(tmp_path / "accum"), weights(reference)) < 1e-5
+    assert step_losses(tmp_path / "accum") == pytest.approx(step_losses(reference), abs=1e-5)
+    losses = step_losses(reference)
     assert abs(losses[0] - losses[-1]) > 1e-3  # not vacuous: the updates changed the model
 
 
 @pytest.mark.slow
-def test_mirrored_two_cpu_replicas_match_one_replica_with_twice_the_batch(tmp_path, tiny_dataset):
+def test_mirrored_two_cpu_replicas_match_one_replica_with_twice_the_batch(tmp_path, tiny_dataset, reference):
     config = exact_config(tmp_path, tiny_dataset, steps=4)
     run_train(config, tmp_path / "mirrored", *EXACT, "train.backend=mirrored", "train.cpu_replicas=2",
               "train.batch_per_replica=2", "train.steps_per_execution=2")
-    run_train(config, tmp_path / "single", *EXACT, "train.batch_per_replica=4")
     assert records(tmp_path / "mirrored")[0]["global_batch"] == 4
-    assert max_difference(weights(tmp_path / "mirrored"), weights(tmp_path / "single")) < 1e-5
+    assert max_difference(weights(tmp_path / "mirrored"), weights(reference)) < 1e-5
 
 
 def _two_ranks(tmp_path, name, command, extra_env):
@@ -145,7 +151,7 @@ def _two_ranks(tmp_path, name, command, extra_env):
 
 
 @pytest.mark.slow
-def test_multiworker_two_processes_agree_and_match_single(tmp_path, tiny_dataset):
+def test_multiworker_two_processes_agree_and_match_single(tmp_path, tiny_dataset, reference):
     config = exact_config(tmp_path, tiny_dataset, steps=4)
     ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
@@ -154,17 +160,16 @@ def test_multiworker_two_processes_agree_and_match_single(tmp_path, tiny_dataset
                lambda rank: train_command(config, run_dir, *EXACT, "train.backend=multiworker",
                                           "train.batch_per_replica=2"),
                lambda rank: {"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": rank}})})
-    run_train(config, tmp_path / "single", *EXACT, "train.batch_per_replica=4")
     for rank in range(2):
         recs = records(run_dir, rank)
         assert recs[0]["world_size"] == 2 and recs[0]["rank"] == rank and recs[-1]["status"] == "completed"
     assert max_difference(weights(run_dir, 0), weights(run_dir, 1)) == 0.0
-    assert max_difference(weights(run_dir, 0), weights(tmp_path / "single")) < 1e-5
+    assert max_difference(weights(run_dir, 0), weights(reference)) < 1e-5
 
 
 @pytest.mark.slow
 @pytest.mark.horovod
-def test_horovod_two_processes_agree_and_match_single(tmp_path, tiny_dataset):
+def test_horovod_two_processes_agree_and_match_single(tmp_path, tiny_dataset, reference):
     info = require_horovod()
     config = exact_config(tmp_path, tiny_dataset, steps=4)
     run_dir = tmp_path / "hvd"
@@ -173,13 +178,12 @@ def test_horovod_two_processes_agree_and_match_single(tmp_path, tiny_dataset):
                               "train.measure_exchange=true")]
     proc = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    run_train(config, tmp_path / "single", *EXACT, "train.batch_per_replica=4")
     for rank in range(2):
         recs = records(run_dir, rank)
         assert recs[0]["world_size"] == 2 and recs[0]["rank"] == rank and recs[-1]["status"] == "completed"
         assert all(r["exchange_s"] > 0 for r in recs if r["kind"] == "step")
     assert max_difference(weights(run_dir, 0), weights(run_dir, 1)) == 0.0
-    assert max_difference(weights(run_dir, 0), weights(tmp_path / "single")) < 1e-5
+    assert max_difference(weights(run_dir, 0), weights(reference)) < 1e-5
 
 
 def test_info_json_reports_versions_devices_and_rank():
