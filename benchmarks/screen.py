@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         options = ScreenOptions()
         rows = {}
         for label, opts, repeats in (("naive (1 tile/crop per call, no prefetch, no XLA)", options.naive(), 1),
-                                     ("chain (batched, prefetch, XLA)", options, args.repeats)):
+                                     ("chain (batched, prefetch, XLA if GPU)", options, args.repeats)):
             chain = ScreeningChain(models, opts)
             _timed(chain, ds, [0])                       # warm-up: tracing, XLA compile, kernel caches
             runs = [_timed(chain, ds, timed) for _ in range(repeats)]

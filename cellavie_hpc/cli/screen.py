@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop-batch", type=int, default=256, help="cells per classifier call")
     parser.add_argument("--prefetch", type=int, default=2, help="images read and refocused ahead (0: no overlap)")
     parser.add_argument("--precision", choices=("fp32", "mixed_float16", "mixed_bfloat16"), default="fp32")
-    parser.add_argument("--no-xla", action="store_true", help="do not XLA-compile the network functions")
+    parser.add_argument("--xla", choices=("auto", "on", "off"), default="auto",
+                        help="XLA-compile the network functions (auto: only with a GPU; slower on CPU)")
     parser.add_argument("--pad", choices=("none", "edge", "zero"), default="none",
                         help="FFT padding of the physics refocus (edge/zero: fewer wrap artefacts, ~3x slower)")
     parser.add_argument("--z-range-um", type=float, nargs=2, default=(-60.0, 60.0), metavar=("MIN", "MAX"),
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.dataset else Path(args.out) / Path(dataset).name
     options = ScreenOptions(refocus=args.refocus, tile=args.tile, overlap=args.overlap, batch=args.batch,
                             crop_batch=args.crop_batch, prefetch=args.prefetch, precision=args.precision,
-                            xla=not args.no_xla, pad=args.pad,
+                            xla={"auto": None, "on": True, "off": False}[args.xla], pad=args.pad,
                             z_range_m=(args.z_range_um[0] * 1e-6, args.z_range_um[1] * 1e-6))
     result = screen_sample(dataset, args.models, out, options, evaluate=args.evaluate, overlays=args.overlays,
                            infected_threshold=args.threshold, ci_method=args.ci_method, max_images=args.max_images,

@@ -174,7 +174,7 @@ def synthetic_batch(spec, batch: int, seed: int = 0) -> tuple[np.ndarray, dict[s
     return x, y
 
 
-class _SpecTrainer(keras.Model):
+class SpecTrainer(keras.Model):
     """The model with its spec's loss: Keras' own train step (any back-end) then minimises `spec.loss`."""
 
     def __init__(self, model: keras.Model, loss: Callable):
@@ -230,7 +230,7 @@ def build_trainer(model: str, preset: str, patch: int, batch: int, precision: st
     channels = DEFAULT_CHANNELS[model]
     spec = model_spec(model, preset, patch, channels)
     net = build_model(model, preset, patch, channels)
-    trainer = _SpecTrainer(net, spec.loss)
+    trainer = SpecTrainer(net, spec.loss)
     trainer.compile(optimizer=keras.optimizers.Adam(learning_rate), jit_compile=jit)
     x, y = synthetic_batch(spec, batch)
     return trainer, net, x, y

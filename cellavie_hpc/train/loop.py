@@ -431,7 +431,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: str, job, backend: backen
     metrics: dict[str, float] = {"train_loss": last_loss}
     if status == "completed" and rank0:
         metrics.update(evaluate(model, spec, config, data, batch))
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        finite = {k: v if math.isfinite(v) else None for k, v in metrics.items()}  # JSON has no NaN
+        (run_dir / "metrics.json").write_text(json.dumps(finite, indent=2) + "\n")
         model.save_weights(run_dir / "model.weights.h5")
     recorder.final(status, position.step, position.step * samples_per_step, metrics)
     if progress is not None:

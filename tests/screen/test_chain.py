@@ -76,7 +76,7 @@ def test_batched_xla_chain_matches_the_naive_one(sample_dir, models_dir):
     from cellavie_hpc.data.dataset import open_dataset
 
     ds = open_dataset(sample_dir)
-    fast = ScreeningChain(models_dir, ScreenOptions(tile=256, overlap=64))
+    fast = ScreeningChain(models_dir, ScreenOptions(tile=256, overlap=64, xla=True))
     naive = ScreeningChain(models_dir, ScreenOptions(tile=256, overlap=64).naive())
     a, b = next(fast.screen(ds, [0])), next(naive.screen(ds, [0]))
     assert a.n_cells == b.n_cells > 20
