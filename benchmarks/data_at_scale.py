@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from queue import Empty
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -57,7 +58,8 @@ def first_batch_s(dataset, tiles, patch: int) -> float:
     from cellavie_hpc.data.pipeline import build_pipeline
 
     start = time.perf_counter()
-    inputs, _ = next(iter(build_pipeline(dataset, tiles, "refocus", BATCH, patch, parallel_reads=2)))
+    inputs, _ = next(iter(build_pipeline(dataset, tiles, "refocus", BATCH, patch, parallel_reads=2,
+                                         drop_remainder=False)))
     inputs.numpy()
     return time.perf_counter() - start
 
@@ -101,7 +103,14 @@ def startup_table(root: Path, ranks: list[int], patch: int, shm: Path) -> None:
                  for r in range(world)]
         for p in procs:
             p.start()
-        rows = [queue.get(timeout=600) for _ in procs]
+        rows = []
+        while len(rows) < world:
+            try:
+                rows.append(queue.get(timeout=1))
+            except Empty:
+                failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if failed:
+                    raise RuntimeError(f"a rank process failed (exit codes {failed}); see its traceback above") from None
         for p in procs:
             p.join()
         shutil.rmtree(stage_root, ignore_errors=True)
@@ -255,7 +264,8 @@ def routes_table(ds, work: Path, shm: Path, repeats: int) -> None:
     originals = data_files(ds.root)
     for patch in (256, 512):
         plan = task_plan(ds, "refocus", patch, patch // 2)
-        tiles = plan.tiles[np.random.default_rng(0).permutation(len(plan))]
+        order = np.random.default_rng(0).permutation(len(plan))
+        tiles = plan.tiles[np.resize(order, max(len(plan), 4 * BATCH))]   # >= 4 batches: one left out, 3 timed
         start = time.perf_counter()
         staged, _ = stage_dataset(ds, tiles, shm / f"stage-{patch}", 1 << 40, progress=False)
         stage_s = time.perf_counter() - start

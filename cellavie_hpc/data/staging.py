@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -63,8 +64,8 @@ class StageReport:
         mib = 1 << 20
         return (f"staged {self.files_copied + self.files_reused} files ({self.bytes_local / mib:.1f} MiB: "
                 f"{self.bytes_copied / mib:.1f} copied, {self.bytes_reused / mib:.1f} reused) to {self.stage_dir} "
-                f"in {self.seconds:.2f} s; {self.files_remote} files ({self.bytes_remote / mib:.1f} MiB) stay remote "
-                f"(budget {self.budget_bytes / mib:.1f} MiB)")
+                f"in {self.seconds:.2f} s; {self.files_remote} files ({self.bytes_remote / mib:.1f} MiB) stay remote"
+                + ("" if self.budget_bytes == sys.maxsize else f" (budget {self.budget_bytes / mib:.1f} MiB)"))
 
 
 class Staged(NamedTuple):
@@ -118,10 +119,11 @@ def shard_files(dataset: HologramDataset, selection: np.ndarray, kinds: tuple[st
 
 
 def stage_dataset(dataset: HologramDataset, selection: np.ndarray, stage_dir: str | os.PathLike,
-                  budget_bytes: int, *, task: str = "refocus", verify_reused: bool = False,
+                  budget_bytes: int | None, *, task: str = "refocus", verify_reused: bool = False,
                   progress: bool = True) -> Staged:
     """Copy the files `selection` reads into `stage_dir` (within `budget_bytes`) and return a view on them.
 
+    `budget_bytes=None` stages everything that fits the free space (less `FREE_MARGIN_BYTES`).
     The view is a `HologramDataset` with the same images, manifest and root (so error messages and
     in-memory caches name the data set), whose files are the local copies where staged. Staged data
     reads bitwise the same as the original. `verify_reused=True` re-hashes copies found already staged
@@ -129,8 +131,10 @@ def stage_dataset(dataset: HologramDataset, selection: np.ndarray, stage_dir: st
     """
     if task not in TASK_KINDS:
         raise ConfigError(f"task must be one of {', '.join(TASK_KINDS)}, got {task!r}")
-    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, np.integer)) or budget_bytes < 0:
-        raise ConfigError(f"stage budget_bytes must be an integer >= 0, got {budget_bytes!r}")
+    if budget_bytes is None:
+        budget_bytes = sys.maxsize
+    elif isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, np.integer)) or budget_bytes < 0:
+        raise ConfigError(f"stage budget_bytes must be null (no limit) or an integer >= 0, got {budget_bytes!r}")
     start = time.perf_counter()
     folder = resolve_stage_dir(stage_dir) / STAGE_SUBDIR
     try:

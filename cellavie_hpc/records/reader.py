@@ -4,11 +4,15 @@ A sweep can hold ~100 M step records, so parsing line by line with `json.loads` 
 one slow core) would take a quarter of an hour. The fast path keeps Python off the step lines: it
 finds the few header/epoch/final lines with byte searches, hands the step lines of many files to
 Arrow's C++ JSON parser in one call, and splits the result by file. Any file the fast path cannot
-vouch for (a partial line in the middle, `NaN` literals, unusual formatting) is re-read by the
-line-by-line path, which is also the reference the tests and `benchmarks/collect.py` compare with.
+vouch for (a line that is not a step record among the step lines, a blank line, a duplicated key,
+`Inf`/`-NaN` literals that Arrow accepts and `json.loads` does not, a first step without
+`mem_source`) is re-read by the line-by-line path, which is also the reference the tests and
+`benchmarks/collect.py` compare with.
 
-Tolerated and counted: a partial line (a crashed rank), steps written twice by a requeued task
-(the latest attempt wins, by step number). Refused: a schema version other than `SCHEMA_VERSION`.
+Tolerated and counted: a partial line (a crashed rank: the last line, or the line before a requeue's
+header), steps written twice by a requeued task (the latest attempt wins, by step number), a step
+whose number does not fit a 64-bit integer (ignored, named in `problems`). Refused: a schema version
+other than `SCHEMA_VERSION`.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
 from cellavie_hpc.errors import DataError
@@ -32,13 +37,19 @@ RANK_FILE = re.compile(r"^rank-(\d+)\.jsonl$")
 #: Numeric step fields kept as arrays (everything a report needs; `mem_source` is kept per rank).
 STEP_FLOATS = ("t_unix", "wall_s", "input_wait_s", "compute_s", "exchange_s", "loss")
 STEP_INTS = ("step", "epoch", "samples", "mem_peak_bytes")
-_ARROW_SCHEMA = pa.schema([(n, pa.int64()) for n in STEP_INTS] + [(n, pa.float64()) for n in STEP_FLOATS])
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+_ARROW_SCHEMA = pa.schema([(n, pa.int64()) for n in STEP_INTS] + [(n, pa.float64()) for n in STEP_FLOATS]
+                          + [("kind", pa.string())])
 _PARSE = pa_json.ParseOptions(explicit_schema=_ARROW_SCHEMA, unexpected_field_behavior="ignore")
-_READ = pa_json.ReadOptions(use_threads=False, block_size=1 << 26)
+#: 1 MiB blocks: as fast as one huge block (measured) and the parser's working set stays in cache.
+_READ = pa_json.ReadOptions(use_threads=False, block_size=1 << 20)
 
 NEWLINE = b"\n"
-_STEP_TAG = b'"kind":"step"'
 _OTHER_TAGS = (b'"kind":"header"', b'"kind":"epoch"', b'"kind":"final"')
+_OTHER_KINDS = ("header", "epoch", "final")
+#: Literals Arrow's parser reads as numbers but `json.loads` refuses (it takes only NaN, Infinity, -Infinity),
+#: each with a rare byte it contains (a memchr finds that one cheaply first).
+_ARROW_ONLY_LITERALS = ((b"I", b"Inf"), (b"N", b"-NaN"))
 
 
 class SchemaVersionError(DataError):
@@ -123,10 +134,11 @@ def _add_other(rec: RankRecords, record: dict[str, Any], where: str) -> None:
 
 def _finish(rec: RankRecords, columns: dict[str, np.ndarray], attempt: np.ndarray) -> RankRecords:
     """De-duplicate steps by step number (latest attempt, then latest line wins) and sort them."""
-    n = columns["step"].size
-    if n:
-        order = np.lexsort((np.arange(n), attempt, columns["step"]))
-        step_sorted = columns["step"][order]
+    step = columns["step"]
+    n = step.size
+    if n > 1 and not (step[1:] > step[:-1]).all():  # strictly increasing (the usual case): nothing to do
+        order = np.lexsort((np.arange(n), attempt, step))
+        step_sorted = step[order]
         keep = np.ones(n, bool)
         keep[:-1] = step_sorted[1:] != step_sorted[:-1]
         idx = order[keep]
@@ -141,16 +153,34 @@ def _finish(rec: RankRecords, columns: dict[str, np.ndarray], attempt: np.ndarra
     return rec
 
 
+def _step_values(record: dict[str, Any]) -> tuple[list[int], list[float]] | str:
+    """A step record's numbers (missing/null: -1 or NaN), or what is wrong with one of them."""
+    ints, floats = [], []
+    try:
+        for name in STEP_INTS:
+            value = record.get(name)
+            ints.append(-1 if value is None else int(value))
+            if not _INT64[0] <= ints[-1] <= _INT64[1]:
+                raise OverflowError
+        for name in STEP_FLOATS:
+            value = record.get(name)
+            floats.append(np.nan if value is None else float(value))
+    except (TypeError, ValueError, OverflowError):
+        return f"step record field {name!r} = {str(value)[:40]!r} is not a 64-bit number; record ignored"
+    return ints, floats
+
+
 def read_rank_file_slow(path: str | Path) -> RankRecords:
     """Line-by-line `json.loads` reader: the reference for the fast path and its fallback."""
     path = Path(path)
     rec = RankRecords(path=path, rank=rank_of(path))
     with open(path, "rb") as f:
         data = f.read()
-    cols: dict[str, list] = {n: [] for n in STEP_INTS + STEP_FLOATS}
+    int_rows: list[list[int]] = []
+    float_rows: list[list[float]] = []
     attempts: list[int] = []
     attempt = 0
-    for lineno, line in enumerate(data.split(b"\n"), start=1):
+    for lineno, line in enumerate(data.split(NEWLINE), start=1):
         if not line.strip():
             continue
         try:
@@ -165,17 +195,19 @@ def read_rank_file_slow(path: str | Path) -> RankRecords:
             if record.get("kind") == "header":
                 attempt = int(record.get("attempt") or 0)
             continue
+        values = _step_values(record)
+        if isinstance(values, str):
+            rec.problems.append(f"{path}:{lineno}: {values}")
+            continue
         if rec.mem_source is None:
             rec.mem_source = record.get("mem_source")
-        for name in STEP_INTS:
-            value = record.get(name)
-            cols[name].append(-1 if value is None else int(value))
-        for name in STEP_FLOATS:
-            value = record.get(name)
-            cols[name].append(np.nan if value is None else float(value))
+        int_rows.append(values[0])
+        float_rows.append(values[1])
         attempts.append(attempt)
-    columns = {n: np.asarray(cols[n], np.int64) for n in STEP_INTS}
-    columns |= {n: np.asarray(cols[n], np.float64) for n in STEP_FLOATS}
+    ints = np.array(int_rows, np.int64).reshape(-1, len(STEP_INTS))
+    floats = np.array(float_rows, np.float64).reshape(-1, len(STEP_FLOATS))
+    columns = {n: ints[:, i].copy() for i, n in enumerate(STEP_INTS)}
+    columns |= {n: floats[:, i].copy() for i, n in enumerate(STEP_FLOATS)}
     return _finish(rec, columns, np.asarray(attempts, np.int64))
 
 
@@ -184,33 +216,48 @@ class _Split:
     """A file split by byte searches: its few non-step records, and its step lines as one buffer."""
 
     rec: RankRecords
-    step_bytes: bytes
+    step_pieces: list[memoryview]  # the runs of step lines, not copied until the batch is joined
     segment_rows: list[tuple[int, int]]  # (attempt, number of step lines) in file order
+
+    @property
+    def size(self) -> int:
+        return sum(piece.nbytes for piece in self.step_pieces)
 
 
 def _line_bounds(data: bytes, pos: int) -> tuple[int, int]:
-    start = data.rfind(b"\n", 0, pos) + 1
-    end = data.find(b"\n", pos)
+    start = data.rfind(NEWLINE, 0, pos) + 1
+    end = data.find(NEWLINE, pos)
     return start, (len(data) if end < 0 else end)
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def _arrow_only_literal(data: bytes, start: int, end: int) -> bool:
+    """Whether data[start:end] holds `Inf` or `-NaN`."""
+    return any(data.find(rare, start, end) >= 0 and data.find(literal, start, end) >= 0
+               for rare, literal in _ARROW_ONLY_LITERALS)
 
 
 def _split(path: Path) -> _Split | None:
     """Split a file into its non-step lines (found by their `"kind":"..."` tag) and the rest.
 
     None when the file is not canonical; the Arrow parse then checks that the rest is all step lines.
+    Newlines are counted once, incrementally, for both the line numbers in messages and the rows.
     """
     rec = RankRecords(path=path, rank=rank_of(path))
     with open(path, "rb") as f:
         data = f.read()
-    if data and not data.endswith(b"\n"):
-        tail_start = data.rfind(b"\n") + 1
-        tail = data[tail_start:]
-        data = data[:tail_start]
-        try:
-            json.loads(tail)
+    if data and not data.endswith(NEWLINE):
+        tail_start = data.rfind(NEWLINE) + 1
+        if _is_record(data[tail_start:]):
             return None  # a complete last record without a newline: let the slow path file it
-        except ValueError:
-            rec.partial_lines += 1
+        rec.partial_lines += 1
+        data = data[:tail_start]
     spans = []
     for tag in _OTHER_TAGS:
         pos = data.find(tag)
@@ -220,46 +267,70 @@ def _split(path: Path) -> _Split | None:
     spans.sort()
     if len(set(spans)) != len(spans):
         return None
-    pieces, segment_rows, attempt, cursor = [], [], 0, 0
-    for start, end in spans + [(len(data), len(data))]:
-        if start > cursor:
-            chunk = data[cursor:start]
-            pieces.append(chunk)
-            segment_rows.append((attempt, chunk.count(b"\n")))
-        if start == len(data):
-            break
+    pieces, segment_rows = [], []
+    attempt, cursor, cursor_line = 0, 0, 1
+    for start, end in spans:
+        lineno = cursor_line + data.count(NEWLINE, cursor, start)
         try:
             record = json.loads(data[start:end])
         except ValueError:
             return None
-        _add_other(rec, record, f"{path}:{data.count(NEWLINE, 0, start) + 1}")
-        if record.get("kind") == "header":
+        if not isinstance(record, dict) or record.get("kind") not in _OTHER_KINDS:
+            return None  # the tag sat inside another record
+        chunk_end, rows = start, lineno - cursor_line
+        if record["kind"] == "header" and rows:
+            # A requeued rank first ends the line its crash cut short: that line precedes this header.
+            before = max(cursor, data.rfind(NEWLINE, cursor, start - 1) + 1)
+            last = data[before:start - 1]
+            if not last.strip() or not _is_record(last):
+                rec.partial_lines += bool(last.strip())
+                chunk_end, rows = before, rows - 1
+        if rows:
+            pieces.append((cursor, chunk_end))
+            segment_rows.append((attempt, rows))
+        _add_other(rec, record, f"{path}:{lineno}")
+        if record["kind"] == "header":
             attempt = int(record.get("attempt") or 0)
-        cursor = end + 1
-    step_bytes = b"".join(pieces)
-    first = data.find(_STEP_TAG)
-    if first >= 0:
-        line = data[slice(*_line_bounds(data, first))]
-        source = re.search(rb'"mem_source":"([^"]*)"', line)
-        rec.mem_source = source.group(1).decode() if source else None
-    return _Split(rec, step_bytes, segment_rows)
+        cursor, cursor_line = end + 1, lineno + 1
+    if cursor < len(data):
+        pieces.append((cursor, len(data)))
+        segment_rows.append((attempt, data.count(NEWLINE, cursor)))
+    if pieces:
+        if any(_arrow_only_literal(data, start, end) for start, end in pieces):
+            return None
+        start = pieces[0][0]
+        try:
+            first = json.loads(data[start:data.find(NEWLINE, start)])
+        except ValueError:
+            return None
+        rec.mem_source = first.get("mem_source") if isinstance(first, dict) else None
+        if rec.mem_source is None:
+            return None  # the reference takes the first step that names it: let it search
+    view = memoryview(data)
+    return _Split(rec, [view[start:end] for start, end in pieces], segment_rows)
 
 
-def _columns(table: pa.Table, lo: int, hi: int) -> dict[str, np.ndarray]:
-    out = {}
-    for name in STEP_INTS:
-        out[name] = table.column(name).slice(lo, hi - lo).fill_null(-1).to_numpy()
+def _columns(table: pa.Table) -> dict[str, np.ndarray]:
+    """The batch's step columns as numpy arrays (null: -1 for integers, NaN for floats)."""
+    out = {name: table.column(name).fill_null(-1).to_numpy() for name in STEP_INTS}
     for name in STEP_FLOATS:
-        out[name] = table.column(name).slice(lo, hi - lo).to_numpy(zero_copy_only=False).astype(np.float64)
+        out[name] = table.column(name).to_numpy().astype(np.float64, copy=False)
     return out
 
 
 def _parse_batch(splits: list[_Split]) -> Iterator[RankRecords]:
     """Parse the step lines of several files in one Arrow call; a file that fails goes the slow way."""
     rows = [sum(n for _, n in s.segment_rows) for s in splits]
+    buffer = b"".join(piece for s in splits for piece in s.step_pieces)
+    if not buffer:
+        for s in splits:
+            yield _finish(s.rec, _empty_steps(), np.zeros(0, np.int64))
+        return
     try:
-        table = pa_json.read_json(io.BytesIO(b"".join(s.step_bytes for s in splits)), _READ, _PARSE)
-        if table.num_rows != sum(rows) or table.column("step").null_count:
+        table = pa_json.read_json(io.BytesIO(buffer), _READ, _PARSE)
+        kind = table.column("kind")
+        if (table.num_rows != sum(rows) or table.column("step").null_count or kind.null_count
+                or not pc.all(pc.equal(kind, "step")).as_py()):
             raise ValueError("a line that is not a step record (or a blank line) among the step lines")
     except (pa.ArrowInvalid, ValueError):
         if len(splits) == 1:
@@ -268,10 +339,12 @@ def _parse_batch(splits: list[_Split]) -> Iterator[RankRecords]:
         for s in splits:
             yield from _parse_batch([s])
         return
+    del buffer
+    columns = _columns(table)
     lo = 0
     for s, n in zip(splits, rows):
         attempt = np.repeat([a for a, _ in s.segment_rows], [k for _, k in s.segment_rows]).astype(np.int64)
-        yield _finish(s.rec, _columns(table, lo, lo + n) if n else _empty_steps(), attempt)
+        yield _finish(s.rec, {k: v[lo:lo + n] for k, v in columns.items()}, attempt)
         lo += n
 
 
@@ -287,7 +360,7 @@ def read_rank_files(paths: Iterable[str | Path], batch_bytes: int = 32 << 20) ->
             yield read_rank_file_slow(path)
             continue
         batch.append(split)
-        size += len(split.step_bytes)
+        size += split.size
         if size >= batch_bytes:
             yield from _flush(batch)
             batch, size = [], 0

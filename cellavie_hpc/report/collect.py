@@ -124,18 +124,26 @@ def summarize_rank(rec: RankRecords, warmup_steps: int | None = None) -> tuple[d
 
 
 class _StepMax:
-    """Per step number, the slowest rank's per-step time (memory: one float per step, not per rank)."""
+    """Per step number, the slowest rank's per-step time (memory: one float per distinct step, not per rank).
+
+    The ranks of a run log the same step numbers, so the usual update is one in-place `fmax`; other
+    numbers (a rank that stopped early, sparse, negative or huge step numbers) are merged by sorting.
+    """
 
     def __init__(self) -> None:
-        self.values = np.full(0, np.nan)
+        self.steps = np.zeros(0, np.int64)
+        self.values = np.zeros(0)
 
     def add(self, step: np.ndarray, per_step_s: np.ndarray) -> None:
         if step.size == 0:
             return
-        top = int(step.max()) + 1
-        if top > self.values.size:
-            self.values = np.concatenate([self.values, np.full(top - self.values.size, np.nan)])
-        self.values[step] = np.fmax(self.values[step], per_step_s)
+        if np.array_equal(step, self.steps):
+            np.fmax(self.values, per_step_s, out=self.values)
+            return
+        self.steps, where = np.unique(np.concatenate([self.steps, step]), return_inverse=True)
+        values = np.full(self.steps.size, np.nan)
+        np.fmax.at(values, where, np.concatenate([self.values, per_step_s]))
+        self.values = values
 
 
 def _run_columns(header: dict[str, Any]) -> dict[str, Any]:

@@ -13,12 +13,17 @@ placed and how gradients meet:
 Gradient averaging differs on purpose. Keras 3 optimisers all-reduce (sum) gradients themselves when
 they run inside a `tf.distribute` replica context, so the TF strategies only divide by the replica
 count (and cast for compression) before `apply_gradients`. Horovod has no such hook, so its back-end
-averages explicitly with one grouped allreduce per update - the allreduce `hvd.DistributedGradientTape`
-performs - after the local accumulation of micro-batches, so accumulation costs no extra exchanges.
+averages explicitly after the local accumulation of micro-batches, so accumulation costs no extra
+exchanges: either one grouped allreduce per update (`train.horovod.exchange: grouped`) or one allreduce
+per gradient (`per_tensor`, what `hvd.DistributedGradientTape` does), which Horovod starts as soon as
+that gradient exists and fuses with the others ready in the same cycle - the exchange then overlaps
+the rest of the backward pass (`cellavie_hpc.report.timeline` measures how much).
 """
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 from typing import Any, Callable, Sequence
 
 import tensorflow as tf
@@ -27,6 +32,31 @@ from cellavie_hpc.errors import ConfigError
 from cellavie_hpc.launch.job_env import JobEnvironment
 
 COMPRESSION_DTYPES = {"fp16": tf.float16, "bf16": tf.bfloat16}
+#: Horovod aligns every tensor in its fusion buffer to this many bytes (FUSION_BUFFER_ATOMIC_UNIT).
+FUSION_ALIGN_BYTES = 64
+#: Horovod 0.28's default fusion threshold (HOROVOD_FUSION_THRESHOLD unset).
+DEFAULT_FUSION_THRESHOLD_BYTES = 128 * 1024 * 1024
+
+
+def gradient_bytes(variables: Sequence[Any], compression: str = "none") -> list[int]:
+    """Bytes each trainable variable's gradient puts on the wire (float32, or 2 bytes under fp16/bf16 compression)."""
+    per_value = 2 if compression in COMPRESSION_DTYPES else 4
+    return [int(math.prod(v.shape)) * per_value for v in variables]
+
+
+def propose_fusion_threshold(tensor_bytes: Sequence[int], messages: int = 1) -> int:
+    """A Horovod fusion threshold (bytes) that sends one step's gradients in about `messages` fused allreduces.
+
+    One message per step pays the allreduce latency once (what matters at many GPUs, where a ring
+    all-reduce costs 2(N-1) latency hops per message); more messages let the first ones start while the
+    backward pass still runs (overlap). The threshold covers the tensors' sizes padded to Horovod's
+    alignment, is never below the largest tensor, and is rounded up to 4 KiB.
+    """
+    if not tensor_bytes or messages < 1:
+        raise ValueError("propose_fusion_threshold needs at least one tensor size and messages >= 1")
+    padded = [-(-b // FUSION_ALIGN_BYTES) * FUSION_ALIGN_BYTES for b in tensor_bytes]
+    threshold = max(max(padded), -(-sum(padded) // messages))
+    return -(-threshold // 4096) * 4096
 
 
 class Backend:
@@ -187,8 +217,9 @@ class MultiWorkerBackend(_StrategyBackend):
         super().__init__(job, compression)
         gpus = tf.config.list_physical_devices("GPU")
         if job.launcher == "slurm":
+            # Without GPUs, TF's resolver still divides by gpus_per_task: one (ignored) device slot per task.
             resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
-                port_base=port_base, gpus_per_node=len(gpus), gpus_per_task=1 if gpus else 0,
+                port_base=port_base, gpus_per_node=len(gpus) or job.local_size, gpus_per_task=1,
             )
         elif job.launcher == "tf_config":
             resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
@@ -218,8 +249,13 @@ class _BF16Compressor:
 class HorovodBackend(Backend):
     name = "horovod"
 
-    def __init__(self, job: JobEnvironment, compression: str = "none"):
+    def __init__(self, job: JobEnvironment, compression: str = "none", exchange: str = "grouped",
+                 environment: dict[str, str] | None = None):
         super().__init__(job, compression)
+        # Horovod reads its tuning variables once, in hvd.init(); set them first.
+        self.environment = dict(environment or {})
+        os.environ.update(self.environment)
+        self.exchange = exchange
         try:
             import horovod.tensorflow as hvd
         except ImportError as err:
@@ -249,6 +285,8 @@ class HorovodBackend(Backend):
         return self.hvd.allreduce(value, op=self.hvd.Sum)
 
     def prepare_gradients(self, grads):
+        if self.exchange == "per_tensor":
+            return [self.hvd.allreduce(g, op=self.hvd.Average, compression=self.compressor) for g in grads]
         return list(self.hvd.grouped_allreduce(list(grads), op=self.hvd.Average, compression=self.compressor))
 
     def broadcast_variables(self, variables):
@@ -264,8 +302,7 @@ class HorovodBackend(Backend):
     def exchange_probe(self, shapes):
         @tf.function
         def probe():
-            tensors = [tf.zeros(s, tf.float32) for s in shapes]
-            return self.hvd.grouped_allreduce(tensors, op=self.hvd.Sum, compression=self.compressor)
+            return self.prepare_gradients([tf.zeros(s, tf.float32) for s in shapes])
 
         def run_probe() -> None:
             probe()[0].numpy()
@@ -274,8 +311,12 @@ class HorovodBackend(Backend):
 
 
 def create(name: str, job: JobEnvironment, *, compression: str = "none", cpu_replicas: int = 1,
-           port_base: int = 8888) -> Backend:
-    """The back-end called `name` (train.backend), set up for this process. Call before any other TF op."""
+           port_base: int = 8888, horovod_exchange: str = "grouped",
+           horovod_environment: dict[str, str] | None = None) -> Backend:
+    """The back-end called `name` (train.backend), set up for this process. Call before any other TF op.
+
+    `horovod_environment` (HOROVOD_* variables from `train.horovod`) is exported before `hvd.init()`.
+    """
     if name == "single":
         return Backend(job, compression)
     if name == "mirrored":
@@ -283,5 +324,5 @@ def create(name: str, job: JobEnvironment, *, compression: str = "none", cpu_rep
     if name == "multiworker":
         return MultiWorkerBackend(job, compression, port_base)
     if name == "horovod":
-        return HorovodBackend(job, compression)
+        return HorovodBackend(job, compression, horovod_exchange, horovod_environment)
     raise ConfigError(f"unknown train.backend {name!r}; expected single, mirrored, multiworker or horovod")

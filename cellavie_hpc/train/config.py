@@ -92,6 +92,45 @@ class ModelSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class HorovodSection:
+    """Horovod's gradient exchange, exported as `HOROVOD_*` variables before `hvd.init()` reads them.
+
+    `exchange`: `grouped` all-reduces every gradient in one grouped call after the backward pass;
+    `per_tensor` all-reduces each gradient as soon as the backward pass produces it (what
+    `hvd.DistributedGradientTape` does), so the exchange can overlap the rest of the backward pass and
+    Horovod's tensor fusion (`fusion_threshold_bytes`, `cycle_time_ms`; null keeps Horovod's defaults,
+    128 MiB and 1 ms; `backends.propose_fusion_threshold` suggests one from the gradients' sizes) decides how tensors are batched. `hierarchical_allreduce` reduces within each node
+    first, then across nodes (a no-op on one node). `timeline` writes Horovod's Chrome trace to
+    `RUN_DIR/horovod_timeline.json` (read it with `cellavie_hpc.report.timeline`).
+    """
+
+    exchange: Literal["grouped", "per_tensor"] = "grouped"
+    fusion_threshold_bytes: int | None = None
+    cycle_time_ms: float | None = None
+    hierarchical_allreduce: bool = False
+    timeline: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.fusion_threshold_bytes is None or self.fusion_threshold_bytes >= 0, "fusion_threshold_bytes",
+                 self.fusion_threshold_bytes, "null (Horovod's default) or bytes >= 0 (0: no fusion)")
+        _require(self.cycle_time_ms is None or self.cycle_time_ms > 0, "cycle_time_ms", self.cycle_time_ms,
+                 "null (Horovod's default) or milliseconds > 0")
+
+    def environment(self, run_dir: str | Path) -> dict[str, str]:
+        """The `HOROVOD_*` variables these settings mean (only those that differ from Horovod's defaults)."""
+        env = {}
+        if self.fusion_threshold_bytes is not None:
+            env["HOROVOD_FUSION_THRESHOLD"] = str(self.fusion_threshold_bytes)
+        if self.cycle_time_ms is not None:
+            env["HOROVOD_CYCLE_TIME"] = repr(float(self.cycle_time_ms))
+        if self.hierarchical_allreduce:
+            env["HOROVOD_HIERARCHICAL_ALLREDUCE"] = "1"
+        if self.timeline:
+            env["HOROVOD_TIMELINE"] = str(Path(run_dir) / "horovod_timeline.json")
+        return env
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainSection:
     """How to train: back-end, batch, schedule, precision and what to record.
 
@@ -101,7 +140,8 @@ class TrainSection:
     sizes after each call (exchange_s); `deterministic` enables TF op determinism (bitwise resume);
     `rank_weights` writes every rank's final weights to RUN_DIR/weights/; `cpu_replicas` splits the
     CPU into logical devices for `mirrored` without GPUs; `port_base` is the first port of
-    `multiworker` under Slurm; `*_op_threads` 0 leaves TF's choice.
+    `multiworker` under Slurm; `*_op_threads` 0 leaves TF's choice; `horovod` tunes Horovod's exchange
+    (`HorovodSection`).
     """
 
     backend: Literal["single", "mirrored", "multiworker", "horovod"] = "single"
@@ -131,6 +171,7 @@ class TrainSection:
     cpu_replicas: int = 1
     port_base: int = 8888
     progress_every: int = 10
+    horovod: HorovodSection = dataclasses.field(default_factory=HorovodSection)
 
     def __post_init__(self) -> None:
         _require(self.batch_per_replica >= 1, "batch_per_replica", self.batch_per_replica, "a positive integer")

@@ -143,10 +143,13 @@ def build_step(model, optimizer, spec, backend: backends.Backend, grad_accum: in
             return x[index], tf.nest.map_structure(lambda t: t[index], y)
 
         loss, grads = forward_backward(*micro(0))
-        for j in tf.range(1, grad_accum):
-            more_loss, more = forward_backward(*micro(j))
-            loss += more_loss
-            grads = [a + b for a, b in zip(grads, more)]
+        # Without accumulation no loop: a while loop releases its outputs together, which would hold
+        # every gradient's exchange back until the last one exists (no overlap with the backward pass).
+        if grad_accum > 1:
+            for j in tf.range(1, grad_accum):
+                more_loss, more = forward_backward(*micro(j))
+                loss += more_loss
+                grads = [a + b for a, b in zip(grads, more)]
         inv = 1.0 / grad_accum
         grads = backend.prepare_gradients([g * tf.cast(inv, g.dtype) for g in grads])
         optimizer.apply_gradients(zip(grads, variables))
@@ -243,6 +246,37 @@ def _write_rank_weights(run_dir: Path, rank: int, model) -> Path:
     return path
 
 
+class _Startup:
+    """Where the time from process start to the end of the first step goes (seconds, `startup_s` of the final record).
+
+    `import`: process start until `train()` runs (interpreter, TensorFlow and package imports);
+    `backend`: setting up the distribution back-end (hvd.init, the cluster's collectives);
+    `build`: model, optimiser, checkpoint restore and the broadcast of the variables;
+    `data`: opening the data set, planning tiles and waiting for the first batch;
+    `first_step`: the first call of the step (tracing, compilation, one step); `total`: all of it.
+    """
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.process_start_unix = psutil.Process().create_time()
+        self.times: dict[str, float] = {"import": time.time() - self.process_start_unix}
+        self._mark = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        """Add the time since the previous lap to `part`."""
+        now = time.perf_counter()
+        self.times[part] = self.times.get(part, 0.0) + now - self._mark
+        self._mark = now
+
+    def first_step_done(self) -> None:
+        self.lap("first_step")
+        self.times["total"] = time.time() - self.process_start_unix
+
+    def as_record(self) -> dict[str, float] | None:
+        return dict(self.times) if "total" in self.times else None
+
+
 class _Progress:
     """Rank 0's progress line: step, epoch, loss, global samples/s, ETA."""
 
@@ -275,11 +309,16 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: str = "auto",
     if resume not in ("auto", "never"):
         raise ConfigError(f"--resume must be auto or never, got {resume!r}")
     run_dir = Path(run_dir)
+    startup = _Startup()
     job = job_env.detect()
     configure_tensorflow(config)
     t = config.train
+    if t.horovod.timeline:
+        run_dir.mkdir(parents=True, exist_ok=True)  # Horovod opens the timeline file in hvd.init()
     backend = backends.create(t.backend, job, compression=t.allreduce_compression, cpu_replicas=t.cpu_replicas,
-                              port_base=t.port_base)
+                              port_base=t.port_base, horovod_exchange=t.horovod.exchange,
+                              horovod_environment=t.horovod.environment(run_dir))
+    startup.lap("backend")
     if resume == "never" and (previous_attempts(run_dir, backend.rank) or checkpoint.latest(run_dir)):
         raise UserError(f"{run_dir} already holds records or checkpoints of a run; use --resume auto to continue "
                         "it or choose a fresh --run-dir")
@@ -290,18 +329,18 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: str = "auto",
         (run_dir / "config.yaml").write_text(yaml.safe_dump(as_mapping(config), sort_keys=False))
     recorder = RunRecorder(run_dir, backend.rank, t.log_every)
     try:
-        return _train(config, run_dir, resume, job, backend, recorder, digest, progress if rank0 else None)
+        return _train(config, run_dir, resume, job, backend, recorder, digest, progress if rank0 else None, startup)
     except BaseException as err:
         recorder.flush(*environment.peak_memory())
         text = "".join(traceback.format_exception_only(type(err), err)).strip()
-        recorder.final("failed", recorder.steps, recorder.samples, {}, error=text)
+        recorder.final("failed", recorder.steps, recorder.samples, {}, error=text, startup_s=startup.as_record())
         raise
     finally:
         recorder.close()
 
 
 def _train(config: TrainConfig, run_dir: Path, resume: str, job, backend: backends.Backend,
-           recorder: RunRecorder, digest: str, progress: TextIO | None) -> TrainResult:
+           recorder: RunRecorder, digest: str, progress: TextIO | None, startup: _Startup) -> TrainResult:
     import keras
     import tensorflow as tf
 
@@ -313,6 +352,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: str, job, backend: backen
     rank0 = backend.rank == 0
     keras.utils.set_random_seed(config.run.seed)
     data = _prepare_data(config)
+    startup.lap("data")
     in_channels = 2 * data.dataset.angles if config.model.name == "refocus" else 1
     spec = model_spec(config.model.name, config.model.preset, d.patch, in_channels, **config.model.options)
     batch = config.per_replica_batch(backend.replicas)
@@ -332,6 +372,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: str, job, backend: backen
     if latest is not None:
         position = checkpoint.load(latest, model.variables, optimizer.variables, digest)
     backend.broadcast_variables(list(model.variables) + list(optimizer.variables))
+    startup.lap("build")
 
     steps_per_epoch = len(shard(data.train_plan, backend.world_size, backend.rank, 0, config.run.seed,
                                 remainder=d.remainder, locality=d.locality)) // tiles_per_step
@@ -352,6 +393,9 @@ def _train(config: TrainConfig, run_dir: Path, resume: str, job, backend: backen
         global_batch=batch * backend.replicas * k, samples_per_epoch=steps_per_epoch * tiles_per_step,
         warmup_steps=t.warmup_record_steps, replicas=backend.replicas, grad_accum=k,
         steps_per_execution=t.steps_per_execution, resumed_from_step=position.step,
+        process_start_unix=startup.process_start_unix,
+        gradient_bytes=sum(backends.gradient_bytes(model.trainable_variables, t.allreduce_compression)),
+        horovod_environment=t.horovod.environment(run_dir) if backend.name == "horovod" else None,
     )
 
     step_fn = build_step(model, optimizer, spec, backend, k, t.xla)
@@ -361,6 +405,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: str, job, backend: backen
     profiling = False
     status = "completed"
     last_loss = math.nan
+    first_call = True
+    startup.lap("build")  # the header and the step's definition
 
     with StopRequest() as stop:
         while position.step < total_steps and status == "completed":
@@ -373,6 +419,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: str, job, backend: backen
                 lambda: _chunks(micro, t.steps_per_execution, local, k, begin, steps)))
             epoch_start, epoch_losses = time.perf_counter(), []
             done = 0
+            if first_call:
+                startup.lap("data")
             while done < steps:
                 if t.profile_steps and rank0 and not profiling and position.step >= t.profile_steps[0] \
                         and position.step < t.profile_steps[1]:
@@ -381,10 +429,15 @@ def _train(config: TrainConfig, run_dir: Path, resume: str, job, backend: backen
                 t0 = time.perf_counter()
                 chunk = next(iterator)
                 t1 = time.perf_counter()
+                if first_call:
+                    startup.lap("data")
                 n = int(backend.local_values(tf.nest.flatten(chunk)[0])[0].shape[0]) // k
                 losses, stops = step_fn(chunk, tf.constant(n, tf.int32), tf.constant(float(stop.requested)))
                 losses = losses.numpy()
                 t2 = time.perf_counter()
+                if first_call:
+                    startup.first_step_done()
+                    first_call = False
                 exchange = None
                 if probe is not None:
                     probe()
@@ -434,7 +487,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: str, job, backend: backen
         finite = {k: v if math.isfinite(v) else None for k, v in metrics.items()}  # JSON has no NaN
         (run_dir / "metrics.json").write_text(json.dumps(finite, indent=2) + "\n")
         model.save_weights(run_dir / "model.weights.h5")
-    recorder.final(status, position.step, position.step * samples_per_step, metrics)
+    recorder.final(status, position.step, position.step * samples_per_step, metrics, startup_s=startup.as_record())
     if progress is not None:
         progress.write(f"cellavie train: {status} at step {position.step}; "
                        + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + "\n")

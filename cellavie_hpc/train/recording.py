@@ -104,12 +104,14 @@ class RunRecorder:
                            "metrics": metrics})
 
     def final(self, status: str, steps: int, samples_all_attempts: int, metrics: dict[str, float],
-              error: str | None = None) -> None:
-        """The last line; `samples_per_s` is this attempt's rate (its samples over its wall time)."""
+              error: str | None = None, startup_s: dict[str, float] | None = None) -> None:
+        """The last line; `samples_per_s` is this attempt's rate (its samples over its wall time);
+        `startup_s` where this attempt's start-up went (null when it never finished a step)."""
         wall_s = time.perf_counter() - self.started
         rate = self.samples / wall_s if wall_s > 0 else math.nan
         self.writer.write({"kind": "final", "status": status, "steps": steps, "samples": samples_all_attempts,
-                           "wall_s": wall_s, "samples_per_s": rate, "metrics": metrics, "error": error}, sync=True)
+                           "wall_s": wall_s, "samples_per_s": rate, "metrics": metrics, "error": error,
+                           "startup_s": startup_s}, sync=True)
 
     def close(self) -> None:
         self.writer.close()

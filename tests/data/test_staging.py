@@ -77,6 +77,9 @@ def test_budget_stages_largest_read_share_first_and_reads_the_rest_remotely(ds, 
     assert staged.path(2, "field") == ds.path(2, "field")
     np.testing.assert_array_equal(staged.read_field_patch(0, 5, 7, 20, 30), ds.read_field_patch(0, 5, 7, 20, 30))
 
+    everything, report_all = stage_dataset(ds, tiles, tmp_path / "all", None, progress=False)
+    assert (report_all.files_copied, report_all.files_remote) == (4, 0) and "budget" not in report_all.line()
+    assert "budget" in report.line() and "2 files" in report.line()
     nothing, report0 = stage_dataset(ds, tiles, tmp_path / "zero", 0, progress=False)
     assert report0.bytes_local == 0 and report0.files_remote == 4
     assert nothing.path(1, "field") == ds.path(1, "field")

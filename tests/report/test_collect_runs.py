@@ -117,3 +117,17 @@ def test_bad_inputs_are_clear(tmp_path):
     rf.append_records(tmp_path / "old", 0, [rf.header("old", 0, 1) | {"schema_version": 0}])
     with pytest.raises(SchemaVersionError, match="rank-00000.jsonl:1: schema_version 0"):
         collect_runs([tmp_path], progress=False)
+
+
+def test_huge_and_uneven_step_numbers_keep_the_slowest_rank_per_step(tmp_path):
+    """Step numbers near 2**62 (a resumed counter) must not size an array by the step number."""
+    base = 2**62
+    for rank, (wall, steps) in enumerate(((0.1, range(6)), (0.3, range(4)))):  # rank 1 logged fewer steps
+        records = [rf.header("huge", rank, 2, warmup_steps=0)]
+        records += [rf.step(base + s, wall_s=wall, input_wait_s=0.0, compute_s=wall, exchange_s=0.0, samples=8,
+                            t_unix=rf.T0_UNIX + s) for s in steps]
+        rf.append_records(tmp_path / "huge", rank, records + [rf.final(6, 48, 0.6)])
+    run = _run(collect_runs([tmp_path], progress=False), "huge")
+    assert run["steps_measured"] == 6
+    # Per step the slowest rank: 0.3 s for the four steps both ranks logged, then 0.1 s.
+    assert run["step_time_median_s"] == pytest.approx(0.3) and run["step_time_p10_s"] == pytest.approx(0.1)
