@@ -1,24 +1,26 @@
 """Training throughput: a plain `model.fit` baseline vs the project's engine, side by side in one run.
 
-Per model, in one process, repeats interleaved (baseline, engine, engine optimised, baseline, ...) so
+Per model, in one process, repeats interleaved (baseline, optimised, baseline, ...) so
 that load on the machine hits all candidates alike:
 
 * baseline  - `model.fit` of the same model and loss, fp32, no XLA, fed by a Python generator that
               reads the whole hologram/truth images with tifffile for every tile and crops in NumPy.
-* engine    - `cellavie_hpc.train.loop.train` (tf.data batched window reads, prefetch, image cache),
-              fp32, no XLA, one step per call: what the input pipeline alone gives.
-* optimised - the engine plus the switches given (defaults: what measured fastest here, see
-              benchmarks/RESULTS.md): precision, XLA, steps per execution.
+* optimised - `cellavie_hpc.train.loop.train` (tf.data batched window reads, parallel, prefetched,
+              whole images cached) with the switches given: precision, XLA, steps per execution.
+              Defaults: what measured fastest on this 2-core AVX512_BF16 CPU (fp32, XLA off, one step
+              per call; benchmarks/RESULTS.md has the on/off measurements). On a GPU pass
+              `--precision mixed_float16 --xla`.
 
 Rates are samples/s over the steps after `--warmup` (tracing/compilation excluded), median over
 repeats, with min-max; the engine's rates and input-wait share (time blocked in `next(iterator)`
 over wall time) come from its own records through the collector. `--portable` measures the models
 with `perf.portable` on the installed Keras back-end instead (synthetic batches, no input pipeline:
-the GPU-machine path): baseline = fp32 without jit, optimised = `--precision` with jit.
+the GPU-machine path): baseline = fp32 without jit, optimised = `--precision` with jit
+(`--portable --precision mixed_bfloat16` on CPUs with AVX512_BF16, `mixed_float16` on GPUs).
 
     python benchmarks/train_step.py [--models unet,refocus,detector,classifier] [--repeats 3]
-        [--steps 30] [--patch 64] [--batch 16] [--precision mixed_bfloat16] [--xla/--no-xla]
-        [--steps-per-execution 4] [--portable]
+        [--steps 16] [--patch 64] [--batch 16] [--precision fp32] [--xla/--no-xla]
+        [--steps-per-execution 1] [--portable]
 """
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ def naive_batches(ds, spec, tiles: np.ndarray, batch: int, seed: int):
 
 def baseline_rate(ds, model_name: str, preset: str, patch: int, batch: int, steps: int, warmup: int,
                   tiles: np.ndarray, seed: int) -> dict:
-    """samples/s of `model.fit` (fp32, no XLA) on the naive generator; also its time share inside the generator."""
+    """samples/s of `model.fit` (fp32, no XLA) on the naive generator, over the batches after `warmup`."""
     import keras
 
     from cellavie_hpc.models.registry import build_model, model_spec
@@ -80,24 +82,14 @@ def baseline_rate(ds, model_name: str, preset: str, patch: int, batch: int, step
     trainer = SpecTrainer(build_model(model_name, preset, patch, channels), spec.loss)
     trainer.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=False)
     ends: list[float] = []
-    in_generator = [0.0]
-    source = naive_batches(ds, spec, tiles, batch, seed)
-
-    def timed():
-        while True:
-            t0 = time.perf_counter()
-            item = next(source)
-            if len(ends) >= warmup:
-                in_generator[0] += time.perf_counter() - t0
-            yield item
 
     class Clock(keras.callbacks.Callback):
         def on_train_batch_end(self, step, logs=None):
             ends.append(time.perf_counter())
 
-    trainer.fit(timed(), steps_per_epoch=warmup + steps, epochs=1, verbose=0, callbacks=[Clock()])
+    trainer.fit(naive_batches(ds, spec, tiles, batch, seed), steps_per_epoch=warmup + steps, epochs=1, verbose=0, callbacks=[Clock()])
     wall = ends[-1] - ends[warmup - 1]
-    return {"samples_per_s": batch * (len(ends) - warmup) / wall, "input_wait_share": in_generator[0] / wall}
+    return {"samples_per_s": batch * (len(ends) - warmup) / wall}
 
 
 def engine_rate(dataset: Path, model_name: str, preset: str, patch: int, batch: int, steps: int, warmup: int,
@@ -112,7 +104,8 @@ def engine_rate(dataset: Path, model_name: str, preset: str, patch: int, batch: 
     keras.backend.clear_session()
     config = train_config.resolve({
         "run": {"name": run_dir.name, "seed": seed},
-        "data": {"dataset": str(dataset), "patch": patch, "cache": True, "prefetch": -1, "parallel_reads": -1},
+        "data": {"dataset": str(dataset), "patch": patch, "cache": True, "prefetch": -1, "parallel_reads": -1,
+                 "eval_images": 0},
         "model": {"name": model_name, "preset": preset},
         "train": {"batch_per_replica": batch, "steps": warmup + steps, "warmup_record_steps": warmup,
                   "precision": precision, "xla": xla, "steps_per_execution": spe, "progress_every": 10_000},
@@ -158,32 +151,24 @@ def run_engine_bench(args) -> list[tuple]:
     rows = []
     for name in args.models:
         plan = task_plan(ds, name, args.patch)
-        tiles = plan.tiles[plan.tiles[:, 0] < len(ds.images) - 1]  # the engine holds the last image out
+        tiles = plan.tiles  # the engine trains on every image too (eval_images: 0)
         inside = ((tiles[:, 1] >= 0) & (tiles[:, 2] >= 0) & (tiles[:, 1] + args.patch <= args.size)
                   & (tiles[:, 2] + args.patch <= args.size))
         tiles = tiles[inside]
-        rates: dict[str, list[float]] = {"baseline": [], "engine": [], "optimised": []}
-        waits: dict[str, list[float]] = {k: [] for k in rates}
+        rates: dict[str, list[float]] = {"baseline": [], "optimised": []}
+        waits: list[float] = []
         for r in range(args.repeats):
             sys.stderr.write(f"train_step: {name} repeat {r + 1}/{args.repeats}\n")
             common = (name, args.preset, args.patch, args.batch, args.steps, args.warmup)
-            for label, measure in (
-                ("baseline", lambda: baseline_rate(ds, *common, tiles, r)),
-                ("engine", lambda: engine_rate(work / "ds", *common, work / f"{name}-e{r}", r)),
-                ("optimised", lambda: engine_rate(work / "ds", *common, work / f"{name}-o{r}", r, args.precision,
-                                                  args.xla, args.steps_per_execution)),
-            ):
-                out = measure()
-                rates[label].append(out["samples_per_s"])
-                waits[label].append(out["input_wait_share"])
-        base = statistics.median(rates["baseline"])
-        rows.append((name, spread(rates["baseline"]), spread(rates["engine"]), spread(rates["optimised"]),
-                     f"{statistics.median(rates['engine']) / base:5.2f}x",
-                     f"{statistics.median(rates['optimised']) / base:5.2f}x",
-                     f"{100 * statistics.median(waits['baseline']):5.1f} %",
-                     f"{100 * statistics.median(waits['optimised']):5.2f} %"))
-    return [("model", "baseline samples/s", "engine fp32", "optimised", "engine/base", "optimised/base",
-             "wait base", "wait optimised")] + rows
+            rates["baseline"].append(baseline_rate(ds, *common, tiles, r)["samples_per_s"])
+            out = engine_rate(work / "ds", *common, work / f"{name}-o{r}", r, args.precision, args.xla,
+                              args.steps_per_execution)
+            rates["optimised"].append(out["samples_per_s"])
+            waits.append(out["input_wait_share"])
+        ratio = statistics.median(rates["optimised"]) / statistics.median(rates["baseline"])
+        rows.append((name, spread(rates["baseline"]), spread(rates["optimised"]), f"{ratio:5.2f}x",
+                     f"{100 * statistics.median(waits):5.2f} %"))
+    return [("model", "baseline samples/s", "optimised samples/s", "ratio", "input wait (optimised)")] + rows
 
 
 def run_portable_bench(args) -> list[tuple]:
@@ -211,13 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=16, help="measured steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out at the start of each run")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--images", type=int, default=6, help="synthetic data-set size (the last is held out)")
+    parser.add_argument("--images", type=int, default=6, help="synthetic data-set size (images)")
     parser.add_argument("--size", type=int, default=512, help="image side, pixels")
-    parser.add_argument("--precision", default="mixed_bfloat16",
+    parser.add_argument("--precision", default="fp32",
                         choices=("fp32", "mixed_float16", "mixed_bfloat16"), help="optimised run's precision")
     parser.add_argument("--xla", action=argparse.BooleanOptionalAction, default=False,
                         help="optimised run: XLA-compile the step (measured slower on this CPU; on for GPUs)")
-    parser.add_argument("--steps-per-execution", type=int, default=4, help="optimised run: steps per call")
+    parser.add_argument("--steps-per-execution", type=int, default=1, help="optimised run: steps per call")
     parser.add_argument("--portable", action="store_true", help="perf.portable on the installed Keras back-end")
     args = parser.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]

@@ -19,6 +19,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=None, help="back-end series to use")
     parser.add_argument("--precision", default=None, help="precision series to use")
     parser.add_argument("--bootstrap", type=int, default=200, metavar="N", help="bootstrap resamples")
+    add_comm_arguments(parser)
+
+
+def add_comm_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--comm FILE [--comm-engine E]`, shared with `cellavie report`."""
+    parser.add_argument("--comm", metavar="FILE", default=None,
+                        help="measured allreduce fits (benchmarks/allreduce.py): use them for the exchange term")
+    parser.add_argument("--comm-engine", metavar="E", default=None,
+                        help="which engine's fit in FILE (needed when it holds several)")
+
+
+def comm_fit(args: argparse.Namespace):
+    """The `CommFit` that `--comm`/`--comm-engine` name, or None."""
+    from cellavie_hpc.errors import UserError
+    from cellavie_hpc.report import comm_model
+
+    if args.comm is None:
+        if args.comm_engine is not None:
+            raise UserError("--comm-engine needs --comm FILE (the allreduce fits to pick from)")
+        return None
+    return comm_model.load_comm_fit(args.comm, args.comm_engine)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from cellavie_hpc.report.collect import load_results
 
     _, points, _ = load_results(args.results)
-    cal = calibration.select(calibration.calibrate(points, repeats=args.bootstrap),
+    cal = calibration.select(calibration.calibrate(points, repeats=args.bootstrap, comm=comm_fit(args)),
                              model=args.model, backend=args.backend, precision=args.precision)
     if args.tiles is not None:
         samples = args.tiles
@@ -42,4 +63,5 @@ def run(args: argparse.Namespace) -> int:
     deadline = calibration.parse_duration_s(args.deadline) if args.deadline else None
     answer = calibration.plan(cal, samples, args.epochs, deadline, args.gpus)
     print(answer.text())
+    print(f"exchange term: {cal.exchange_source}")
     return 0 if answer.feasible else 1

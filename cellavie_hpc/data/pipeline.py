@@ -59,6 +59,7 @@ def build_pipeline(
     batch: int,
     patch: int,
     *,
+    spec=None,
     cache: bool = False,
     shuffle_buffer: int = 0,
     prefetch: int = -1,
@@ -69,20 +70,22 @@ def build_pipeline(
     dtype: str = "float32",
     drop_remainder: bool = True,
     balanced: bool = False,
-    detector_stride: int = 4,
     read_batch: int = DEFAULT_READ_BATCH,
 ):
     """One epoch of `(inputs, targets)` batches over `shard_tiles` ((n, 3) int `(image, y, x)`, read in order).
 
-    Per task (P = `patch`, A = illumination angles):
-    `refocus`: (P, P, 2A) defocused field (real, imag per angle) -> (P, P, 1) in-focus phase (rad);
-    `unet`: (P, P, 1) phase -> (P, P) int32 {0 background, 1 interior, 2 boundary};
-    `detector`: (P, P, 1) phase -> dict from `models.targets.detector_targets` at `detector_stride`;
-    `classifier`: (P, P, 1) phase crop centred on a cell (tiles from `task_plan`) -> () int32 stage,
-    `balanced=True` resampling crops (same count, so steps stay equal across ranks) to equal classes.
-    `shuffle_buffer=0` keeps the shard order (already a per-epoch permutation); `prefetch`/`parallel_reads`
-    of -1 mean AUTOTUNE. Augmentation (flips, 90-degree rotations, identical on inputs and targets) is
-    deterministic in (seed, epoch, position). Inputs are cast to `dtype`; targets stay float32/int32.
+    `targets` is always the dict `spec.targets.from_truth` makes (keys and per-sample shapes of
+    `spec.targets.shapes`), computed in tf.data from the tile's truth rasters `phase`, `instance`, `cls`
+    and its image's `focus_distance_m`, so every model gets exactly what its `ModelSpec.loss` takes.
+    `spec` is the `models.registry.ModelSpec` being trained (its options decide e.g. the refocus defocus
+    head or the detector's classes); None means the default options of `task` at this patch.
+    Inputs (P = `patch`, A = illumination angles): `refocus` (P, P, 2A) defocused field (real, imag per
+    angle); `unet`, `detector` (P, P, 1) in-focus phase; `classifier` (P, P, 1) phase crop centred on a
+    cell (tiles from `task_plan`), `balanced=True` resampling crops (same count, so steps stay equal
+    across ranks) to equal classes. `shuffle_buffer=0` keeps the shard order (already a per-epoch
+    permutation); `prefetch`/`parallel_reads` of -1 mean AUTOTUNE. Augmentation (flips, 90-degree
+    rotations, applied to inputs and truth rasters before the targets are made) is deterministic in
+    (seed, epoch, position). Inputs are cast to `dtype`; targets keep the spec's dtypes.
     """
     import tensorflow as tf
 
@@ -92,10 +95,10 @@ def build_pipeline(
     for name, value in (("batch", batch), ("patch", patch), ("read_batch", read_batch)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    spec = _checked_spec(spec, dataset, task, int(patch))
     tiles = np.asarray(shard_tiles, dtype=np.int64).reshape(-1, 3)
     if tiles.size and (tiles[:, 0].min() < 0 or tiles[:, 0].max() >= len(dataset.images)):
         raise ConfigError(f"shard names images outside 0..{len(dataset.images) - 1} of {dataset.root}")
-    labels = None
     if task == "classifier":
         labels = cell_labels(dataset, tiles, patch)
         if (labels < 0).any():
@@ -103,8 +106,7 @@ def build_pipeline(
             raise ConfigError(f"tile {tiles[n].tolist()} is not a crop centred on a listed cell of {dataset.root}; "
                               "build classifier tiles with task_plan(dataset, 'classifier', patch)")
         if balanced and len(tiles):
-            pick = _balanced_indices(labels, seed, epoch, tiles)
-            tiles, labels = tiles[pick], labels[pick]
+            tiles = tiles[_balanced_indices(labels, seed, epoch, tiles)]
 
     reader = _TileReader(dataset, task, patch, cache)
     autotune = tf.data.AUTOTUNE
@@ -115,24 +117,35 @@ def build_pipeline(
         out = tf.numpy_function(reader.read, [batch_tiles], [s[1] for s in specs], stateful=False)
         for tensor, (shape, _) in zip(out, specs):
             tensor.set_shape((None, *shape))
-        return tuple(out)
+        return (*out, batch_tiles[:, 0])  # the image index travels with each sample (its focus distance)
 
-    columns = (tiles,) if labels is None else (tiles, labels)
-    data = tf.data.Dataset.from_tensor_slices(columns)
-    data = data.batch(read_batch).map(
-        (lambda t, lab: read(t) + (lab,)) if labels is not None else read, num_parallel_calls=parallel
-    ).unbatch()
+    data = tf.data.Dataset.from_tensor_slices(tiles)
+    data = data.batch(read_batch).map(read, num_parallel_calls=parallel).unbatch()
     if shuffle_buffer > 0:
         data = data.shuffle(shuffle_buffer, seed=_mix(seed, epoch), reshuffle_each_iteration=False)
     if augment:
         data = data.enumerate().map(_augmenter(seed, epoch), num_parallel_calls=parallel)
-    data = data.map(_targets(task, dataset.angles, dtype, detector_stride), num_parallel_calls=parallel)
+    data = data.map(_sample_maker(task, spec, dataset, dtype), num_parallel_calls=parallel)
     data = data.batch(batch, drop_remainder=drop_remainder)
     if prefetch != 0:
         data = data.prefetch(autotune if prefetch < 0 else prefetch)
     options = tf.data.Options()
     options.deterministic = True
     return data.with_options(options)
+
+
+def _checked_spec(spec, dataset, task: str, patch: int):
+    """The ModelSpec whose targets the pipeline makes: the given one if it fits the task, patch and data set."""
+    from cellavie_hpc.models.registry import model_spec
+
+    channels = 2 * int(dataset.angles) if task == "refocus" else 1
+    if spec is None:
+        return model_spec(task, "tiny", patch, channels)
+    if (spec.name, spec.patch, spec.in_channels) != (task, patch, channels):
+        raise ConfigError(f"model spec {spec.name} (patch {spec.patch}, {spec.in_channels} input channels) does not "
+                          f"fit task {task} with patch {patch} and {channels} channels from {dataset.root}; "
+                          "build the spec with the data set's patch and channels")
+    return spec
 
 
 class _TileReader:
@@ -152,15 +165,13 @@ class _TileReader:
         p = self.patch
         if self.task == "refocus":
             return [((p, p, 2 * self.angles), tf.float32), ((p, p), tf.float32)]
-        if self.task == "classifier":
-            return [((p, p), tf.float32)]
         return [((p, p), tf.float32), ((p, p), tf.int32), ((p, p), tf.int32)]
 
     def read(self, tiles: np.ndarray) -> list[np.ndarray]:
         p = self.patch
         n = len(tiles)
         field = np.empty((n, p, p, 2 * self.angles), np.float32) if self.task == "refocus" else None
-        truth_keys = ("phase",) if self.task in ("refocus", "classifier") else ("phase", "instance", "cls")
+        truth_keys = ("phase",) if self.task == "refocus" else ("phase", "instance", "cls")
         truth = {k: np.empty((n, p, p), np.float32 if k == "phase" else np.int32) for k in truth_keys}
         for k, (image, y, x) in enumerate(tiles.tolist()):
             if field is not None:
@@ -224,22 +235,25 @@ def clear_image_cache() -> None:
         _TileReader._image_cache.clear()
 
 
-def _targets(task: str, angles: int, dtype: str, detector_stride: int) -> Callable:
+def _sample_maker(task: str, spec, dataset, dtype: str) -> Callable:
+    """(rasters..., image) -> (input cast to `dtype`, `spec.targets.from_truth` of the truth rasters)."""
     import tensorflow as tf
 
-    from cellavie_hpc.models import targets as model_targets
-
     cast = tf.dtypes.as_dtype(dtype)
+    focus_m = tf.constant([info.focus_distance_m for info in dataset.images], tf.float32)
 
-    if task == "refocus":
-        return lambda field, phase: (tf.cast(field, cast), phase[..., tf.newaxis])
-    if task == "unet":
-        return lambda phase, instance, cls: (
-            tf.cast(phase[..., tf.newaxis], cast), model_targets.segmentation_targets(instance))
-    if task == "detector":
-        return lambda phase, instance, cls: (
-            tf.cast(phase[..., tf.newaxis], cast), model_targets.detector_targets(instance, cls, detector_stride))
-    return lambda phase, label: (tf.cast(phase[..., tf.newaxis], cast), label)
+    def make(*arrays):
+        *rasters, image = arrays
+        if task == "refocus":
+            field, phase = rasters
+            inputs, truth = field, {"phase": phase}
+        else:
+            phase, instance, cls = rasters
+            inputs, truth = phase[..., tf.newaxis], {"phase": phase, "instance": instance, "cls": cls}
+        truth["focus_distance_m"] = tf.gather(focus_m, image)
+        return tf.cast(inputs, cast), spec.targets.from_truth(truth)
+
+    return make
 
 
 def _augmenter(seed: int, epoch: int) -> Callable:
@@ -255,7 +269,7 @@ def _augmenter(seed: int, epoch: int) -> Callable:
 
         def move(a):
             if a.shape.rank is not None and a.shape.rank < 2:
-                return a  # a label: nothing spatial to move
+                return a  # the image index: nothing spatial to move
             squeeze = a.shape.rank == 2
             a = a[..., tf.newaxis] if squeeze else a
             a = tf.image.rot90(a, k)

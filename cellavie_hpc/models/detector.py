@@ -102,6 +102,27 @@ def non_max_suppression(boxes, scores, iou_threshold: float):
     return ops.fori_loop(0, k, body, ops.ones_like(scores, dtype="bool"))
 
 
+def target_boxes(targets, stride: int = STRIDE):
+    """Ground-truth boxes back from detector targets (exact: ``size`` and ``offset`` are the box's own values).
+
+    Returns ``boxes`` (B, G*G, 4) in input pixels, ``classes`` (B, G*G) int32 (the channel of the heatmap peak) and
+    ``valid`` (B, G*G) bool (where ``mask`` is 1), one row per grid cell, so batches keep fixed shapes.
+    """
+    heat = ops.cast(targets["heatmap"], "float32")
+    batch = ops.shape(heat)[0]
+    _, grid_h, grid_w, num_classes = heat.shape
+    gy, gx = ops.meshgrid(ops.arange(grid_h, dtype="float32"), ops.arange(grid_w, dtype="float32"), indexing="ij")
+    offset = ops.cast(targets["offset"], "float32")
+    size = ops.cast(targets["size"], "float32")
+    centre_y = (gy[None] + offset[..., 0]) * stride
+    centre_x = (gx[None] + offset[..., 1]) * stride
+    half_h, half_w = size[..., 0] * stride / 2, size[..., 1] * stride / 2
+    boxes = ops.stack([centre_y - half_h, centre_x - half_w, centre_y + half_h, centre_x + half_w], axis=-1)
+    return {"boxes": ops.reshape(boxes, (batch, -1, 4)),
+            "classes": ops.reshape(ops.cast(ops.argmax(heat, axis=-1), "int32"), (batch, -1)),
+            "valid": ops.reshape(ops.cast(targets["mask"], "float32")[..., 0] > 0.5, (batch, -1))}
+
+
 def decode_detections(outputs, score_threshold: float = 0.3, max_detections: int = 100, iou_threshold: float = 0.5,
                       class_agnostic: bool = True, stride: int = STRIDE):
     """Boxes from detector outputs: 3x3 max-pool peaks, top-k, then NMS.

@@ -50,7 +50,11 @@ def softmax_focal_loss(labels, logits, gamma: float = 2.0, class_weights: Sequen
     log_probs = ops.log_softmax(ops.reshape(logits, (-1, num_classes)), axis=-1)
     onehot = ops.one_hot(labels, num_classes, dtype="float32")
     log_pt = ops.sum(onehot * log_probs, axis=-1)
-    loss = -ops.power(1.0 - ops.exp(log_pt), gamma) * log_pt
+    loss = -log_pt
+    if gamma:
+        # The floor keeps the gradient finite where p_t rounds to 1: d/dp (1 - p)^gamma is infinite there for
+        # gamma < 1 (and 0 * inf = NaN for gamma = 0, which is why gamma 0 skips the term altogether).
+        loss = ops.power(ops.maximum(1.0 - ops.exp(log_pt), 1e-12), gamma) * loss
     if class_weights is not None:
         weights = ops.convert_to_tensor(list(class_weights), dtype="float32")
         w = ops.sum(onehot * weights[None, :], axis=-1)

@@ -13,6 +13,7 @@ from types import ModuleType
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
 from cellavie_hpc.config import suggest
@@ -29,6 +30,9 @@ DEFAULT_CHANNELS = {"refocus": 2, "unet": 1, "detector": 1, "classifier": 1}
 #: Metric keys ending in this are additive counts: ``reduce_metrics`` sums them (other keys are averaged) and
 #: recomputes the ratios from the sums, so a set-level IoU or sensitivity is exact, not a mean of batch ratios.
 TOTAL_SUFFIX = "_total"
+#: Metric keys ending in this are per-sample arrays (leading batch axis), for set-level metrics that are not sums of
+#: batch counts (detector mAP): ``reduce_metrics`` concatenates them, hands them to ``derive`` and leaves them out.
+LIST_SUFFIX = "_list"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,14 +69,19 @@ class ModelSpec:
     derive: Callable[[dict[str, float]], dict[str, float]]
 
     def reduce_metrics(self, batches: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-        """Sum the ``*_total`` counts, average the rest, then recompute ratios from the summed counts."""
+        """Sum the ``*_total`` counts, average the other scalars, concatenate the ``*_list`` arrays, then derive the
+        set-level values (ratios from the summed counts, mAP from the lists); the lists are not returned."""
         if not batches:
             return {}
         out: dict[str, float] = {}
+        lists: dict[str, np.ndarray] = {}
         for key in batches[0]:
+            if key.endswith(LIST_SUFFIX):
+                lists[key] = np.concatenate([np.asarray(ops.convert_to_numpy(b[key])) for b in batches])
+                continue
             values = [float(ops.convert_to_numpy(b[key])) for b in batches]
             out[key] = math.fsum(values) if key.endswith(TOTAL_SUFFIX) else math.fsum(values) / len(values)
-        out.update(self.derive(out))
+        out.update(self.derive({**out, **lists}))
         return out
 
 
@@ -248,11 +257,47 @@ def _detector_spec(config: detector.DetectorConfig, patch: int) -> dict[str, Any
         return p["heatmap_loss"] + config.size_weight * p["size_loss"] + config.offset_weight * p["offset_loss"]
 
     def batch_metrics(y_true, y_pred):
-        """Loss parts; mAP needs decoding and matching over whole images: metrics.mean_average_precision."""
-        return parts(y_true, y_pred)
+        """Loss parts, and per tile the decoded detections and the truth boxes, for mAP over the whole set."""
+        found = detector.decode_detections(y_pred, score_threshold=MAP_SCORE_THRESHOLD,
+                                           max_detections=MAP_MAX_DETECTIONS)
+        truth = detector.target_boxes(y_true)
+        out = parts(y_true, y_pred)
+        out.update({f"det_{k}{LIST_SUFFIX}": v for k, v in found.items()})
+        out.update({f"gt_{k}{LIST_SUFFIX}": v for k, v in truth.items()})
+        return out
+
+    def derive(r):
+        if f"det_boxes{LIST_SUFFIX}" not in r:
+            return {}
+        return detection_scores({k[:-len(LIST_SUFFIX)]: v for k, v in r.items() if k.endswith(LIST_SUFFIX)},
+                                config.num_classes)
 
     return {"targets": TargetSpec(shapes, {k: "float32" for k in shapes}, from_truth), "loss": loss,
-            "metrics": batch_metrics, "derive": lambda r: {}}
+            "metrics": batch_metrics, "derive": derive}
+
+
+#: Detections kept per tile for mAP: a low score floor and a generous cap, so the precision-recall curve is complete.
+MAP_SCORE_THRESHOLD = 0.05
+MAP_MAX_DETECTIONS = 100
+
+
+def detection_scores(arrays: Mapping[str, np.ndarray], num_classes: int) -> dict[str, float]:
+    """VOC mAP@0.5 per class (``ap50_<class>``, ``map50``) and class-agnostic ``cell_ap50`` from per-tile arrays
+    ``det_boxes/scores/classes/valid`` (decode_detections) and ``gt_boxes/classes/valid`` (target_boxes)."""
+    names = detector.CLASSES if num_classes == 2 else classifier.STAGES
+    detections, truths = [], []
+    for i in range(len(arrays["det_boxes"])):
+        keep, real = arrays["det_valid"][i].astype(bool), arrays["gt_valid"][i].astype(bool)
+        detections.append({"boxes": arrays["det_boxes"][i][keep], "scores": arrays["det_scores"][i][keep],
+                           "classes": arrays["det_classes"][i][keep]})
+        truths.append({"boxes": arrays["gt_boxes"][i][real], "classes": arrays["gt_classes"][i][real]})
+    per_class = metrics.mean_average_precision(detections, truths, num_classes, iou_threshold=0.5)
+    out = {f"ap50_{names[c]}": per_class[f"ap_{c}"] for c in range(num_classes)}
+    out["map50"] = per_class["map"]
+    agnostic = metrics.mean_average_precision([{**d, "classes": np.zeros_like(d["classes"])} for d in detections],
+                                              [{**t, "classes": np.zeros_like(t["classes"])} for t in truths], 1)
+    out["cell_ap50"] = agnostic["map"]
+    return out
 
 
 def _classifier_spec(config: classifier.ClassifierConfig, patch: int) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from cellavie_hpc import __version__
 from cellavie_hpc.errors import UserError
 from cellavie_hpc.report import bottleneck, calibration, efficiency, plots
 from cellavie_hpc.report.collect import load_results
+from cellavie_hpc.report.comm_model import CommFit
 
 Fmt = Callable[[Any], str]
 
@@ -225,7 +226,8 @@ def _calibration_frame(cals: list[calibration.SeriesCalibration]) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
-def build_report(results: str | Path, out: str | Path, bootstrap_repeats: int = 200) -> dict[str, Any]:
+def build_report(results: str | Path, out: str | Path, bootstrap_repeats: int = 200,
+                 comm: CommFit | None = None) -> dict[str, Any]:
     """`cellavie report`: every table, figure and document from a results directory."""
     results, out = Path(results), Path(out)
     runs, points, summary = load_results(results)
@@ -239,7 +241,7 @@ def build_report(results: str | Path, out: str | Path, bootstrap_repeats: int = 
     scaling = efficiency.scaling_table(points)
     neck = bottleneck.bottleneck_table(runs[runs["complete"].fillna(False).astype(bool)]
                                        if not summary.get("include_incomplete") else runs, ranks)
-    cals = calibration.calibrate(points, repeats=bootstrap_repeats)
+    cals = calibration.calibrate(points, repeats=bootstrap_repeats, comm=comm)
     projection = calibration.projection_table(cals)
     calibration.write_calibration(cals, out / "calibration.json")
     incomplete = pd.DataFrame(summary.get("incomplete_runs") or [])

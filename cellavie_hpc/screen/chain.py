@@ -121,6 +121,25 @@ def flatten_background(field: np.ndarray, wrap_low_rad: float = -1.0) -> np.ndar
     return phase.astype(np.float32)
 
 
+def physics_refocus(plane: np.ndarray, ds, options: "ScreenOptions") -> tuple[np.ndarray, float]:
+    """(object phase (H, W) float32 rad, focus distance m) of one on-axis hologram plane of data set `ds`:
+    autofocus on a central crop, angular-spectrum propagation of the whole plane, background removal.
+    The screening chain and the classifier's training crops (`train_chain.refocused_dataset`) both use it,
+    so the classifier learns the phase it will see, refocusing artefacts included."""
+    from cellavie_hpc.optics.autofocus import autofocus
+    from cellavie_hpc.optics.propagation import propagate
+
+    o = options
+    h, w = plane.shape
+    c = min(o.autofocus_crop, h, w)
+    y0, x0 = (h - c) // 2, (w - c) // 2
+    z = autofocus(plane[y0:y0 + c, x0:x0 + c], z_range_m=o.z_range_m, wavelength_m=ds.wavelength_m,
+                  pixel_size_m=ds.pixel_size_m, medium_index=ds.medium_index, coarse_steps=o.coarse_steps,
+                  fine_steps=o.fine_steps, border_px=c // 16)
+    focused = propagate(plane, z, ds.wavelength_m, ds.pixel_size_m, ds.medium_index, pad=o.pad).numpy()
+    return flatten_background(focused), float(z)
+
+
 def tile_origins(height: int, width: int, tile: int, overlap: int) -> np.ndarray:
     """(N, 2) int64 top-left corners of `tile`-sized windows at stride tile - overlap covering the image."""
     plan = plan_tiles([(height, width)], tile, tile - overlap, border="reflect")
@@ -336,9 +355,6 @@ class ScreeningChain:
 
     def refocus(self, item) -> tuple[Any, int, np.ndarray, float]:
         """(dataset, index, field) -> (dataset, index, object phase (H, W) float32, focus distance m or NaN)."""
-        from cellavie_hpc.optics.autofocus import autofocus
-        from cellavie_hpc.optics.propagation import propagate
-
         ds, index, field = item
         o = self.options
         if o.refocus == "cnn":
@@ -346,15 +362,8 @@ class ScreeningChain:
                                     axis=-1).reshape(field.shape[1], field.shape[2], -1).astype(np.float32)
             phase = self._per_pixel("refocus", planes)["phase"][..., 0]
             return ds, index, phase.astype(np.float32), float("nan")
-        plane = field[0]
-        h, w = plane.shape
-        c = min(o.autofocus_crop, h, w)
-        y0, x0 = (h - c) // 2, (w - c) // 2
-        z = autofocus(plane[y0:y0 + c, x0:x0 + c], z_range_m=o.z_range_m, wavelength_m=ds.wavelength_m,
-                      pixel_size_m=ds.pixel_size_m, medium_index=ds.medium_index, coarse_steps=o.coarse_steps,
-                      fine_steps=o.fine_steps, border_px=c // 16)
-        focused = propagate(plane, z, ds.wavelength_m, ds.pixel_size_m, ds.medium_index, pad=o.pad).numpy()
-        return ds, index, flatten_background(focused), float(z)
+        phase, z = physics_refocus(field[0], ds, o)
+        return ds, index, phase, z
 
     def _per_pixel(self, name: str, image: np.ndarray) -> dict[str, np.ndarray]:
         """A fully convolutional network over overlapping tiles of `image` (H, W, C), stitched back to (H, W, ...)."""

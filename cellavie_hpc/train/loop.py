@@ -124,7 +124,6 @@ def build_step(model, optimizer, spec, backend: backends.Backend, grad_accum: in
 
     variables = model.trainable_variables
 
-    @tf.function(jit_compile=xla)
     def forward_backward(x, y):
         with tf.GradientTape() as tape:
             pred = model(x, training=True)
@@ -134,6 +133,12 @@ def build_step(model, optimizer, spec, backend: backends.Backend, grad_accum: in
             scaled = optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, variables)
         return loss, [tf.convert_to_tensor(g) for g in grads]
+
+    # Under XLA the forward/backward pass is one compiled cluster. Without XLA it stays part of the step's
+    # graph: a nested tf.function would release all gradients at once, when the last one is computed,
+    # which rules out overlapping a gradient's exchange with the rest of the backward pass.
+    if xla:
+        forward_backward = tf.function(forward_backward, jit_compile=True)
 
     def one_step(chunk, i):
         x, y = chunk[0], _as_targets(spec, chunk[1])

@@ -16,6 +16,7 @@ from cellavie_hpc.data.pipeline import (  # noqa: E402
 from cellavie_hpc.data.sharding import shard, shard_all  # noqa: E402
 from cellavie_hpc.data.synthetic import generate_dataset  # noqa: E402
 from cellavie_hpc.errors import ConfigError  # noqa: E402
+from cellavie_hpc.models.registry import MODELS, model_spec  # noqa: E402
 from cellavie_hpc.models.targets import STAGES, detector_targets  # noqa: E402
 
 P = 32
@@ -45,9 +46,8 @@ def _expected(ds, image, y, x, p=P):
 
 def _all(data):
     xs, ys = zip(*[(x.numpy(), y) for x, y in data])
-    if isinstance(ys[0], dict):
-        return np.concatenate(xs), {k: np.concatenate([y[k].numpy() for y in ys]) for k in ys[0]}
-    return np.concatenate(xs), np.concatenate([y.numpy() for y in ys])
+    assert all(isinstance(y, dict) for y in ys), "targets must be the spec's dict"
+    return np.concatenate(xs), {k: np.concatenate([y[k].numpy() for y in ys]) for k in ys[0]}
 
 
 @pytest.mark.parametrize("cache", [False, True])
@@ -57,7 +57,11 @@ def test_refocus_yields_exact_pixels_with_reflect_border(ds, cache):
     tiles = shard(plan, 2, 1, epoch=1, seed=4).tiles
     x, y = _all(build_pipeline(ds, tiles, "refocus", 4, P, cache=cache, drop_remainder=False))
     assert x.shape == (len(tiles), P, P, 4) and x.dtype == np.float32
-    assert y.shape == (len(tiles), P, P, 1) and y.dtype == np.float32
+    assert set(y) == {"phase", "defocus_um"} and y["phase"].shape == (len(tiles), P, P, 1)
+    assert y["phase"].dtype == y["defocus_um"].dtype == np.float32
+    focus_um = [ds.images[image].focus_distance_m * 1e6 for image in tiles[:, 0]]
+    np.testing.assert_allclose(y["defocus_um"][:, 0], focus_um, rtol=1e-6)
+    assert len(np.unique(y["defocus_um"])) == 2, "both images' focus distances must appear"
     border = 0
     for n, (image, ty, tx) in enumerate(tiles.tolist()):
         field, truth = _expected(ds, image, ty, tx)
@@ -65,7 +69,7 @@ def test_refocus_yields_exact_pixels_with_reflect_border(ds, cache):
         for a in range(2):
             np.testing.assert_array_equal(x[n, :, :, 2 * a], field[a].real)
             np.testing.assert_array_equal(x[n, :, :, 2 * a + 1], field[a].imag)
-        np.testing.assert_array_equal(y[n, :, :, 0], truth["phase"])
+        np.testing.assert_array_equal(y["phase"][n, :, :, 0], truth["phase"])
         if ty + P <= ds.images[image].height and tx + P <= ds.images[image].width:
             np.testing.assert_array_equal(field, ds.read_field_patch(image, ty, tx, P, P))
     assert border > 0, "the shard must include border tiles for this test to mean anything"
@@ -73,8 +77,9 @@ def test_refocus_yields_exact_pixels_with_reflect_border(ds, cache):
 
 def test_unet_targets_interior_and_boundary(ds):
     tiles = task_plan(ds, "unet", P).tiles[:6]
-    x, y = _all(build_pipeline(ds, tiles, "unet", 3, P))
-    assert x.shape == (6, P, P, 1) and y.shape == (6, P, P) and y.dtype == np.int32
+    x, targets = _all(build_pipeline(ds, tiles, "unet", 3, P))
+    y = targets["classes"]
+    assert set(targets) == {"classes"} and x.shape == (6, P, P, 1) and y.shape == (6, P, P) and y.dtype == np.int32
     for n, (image, ty, tx) in enumerate(tiles.tolist()):
         truth = ds.read_truth_patch(image, ty, tx, P, P)
         inst = truth["instance"]
@@ -91,7 +96,7 @@ def test_unet_targets_interior_and_boundary(ds):
 
 def test_detector_targets_match_models_contract(ds):
     tiles = task_plan(ds, "detector", P).tiles[:4]
-    x, y = _all(build_pipeline(ds, tiles, "detector", 2, P, detector_stride=4))
+    x, y = _all(build_pipeline(ds, tiles, "detector", 2, P))
     assert set(y) == {"heatmap", "size", "offset", "mask"} and y["heatmap"].shape == (4, 8, 8, 2)
     for n, (image, ty, tx) in enumerate(tiles.tolist()):
         truth = ds.read_truth_patch(image, ty, tx, P, P)
@@ -106,8 +111,9 @@ def test_classifier_crops_centred_on_listed_cells(ds):
     cells = [(i, c) for i, info in enumerate(ds.images) for c in ds.cells(i)
              if 0 <= np.rint(c["cy"]) < info.height and 0 <= np.rint(c["cx"]) < info.width]
     assert len(plan) == len(cells) < sum(len(ds.cells(i)) for i in range(2))  # cells centred outside are left out
-    x, y = _all(build_pipeline(ds, plan.tiles, "classifier", 5, crop, drop_remainder=False))
-    assert x.shape == (len(cells), crop, crop, 1) and y.dtype == np.int32
+    x, targets = _all(build_pipeline(ds, plan.tiles, "classifier", 5, crop, drop_remainder=False))
+    y = targets["label"]
+    assert set(targets) == {"label"} and x.shape == (len(cells), crop, crop, 1) and y.dtype == np.int32
     for n, (image, cell) in enumerate(cells):
         cy, cx = int(np.rint(cell["cy"])), int(np.rint(cell["cx"]))
         phase = ds.read_truth_patch(image, cy, cx, 1, 1)["phase"][0, 0]
@@ -126,7 +132,9 @@ def test_classifier_balanced_sampling_keeps_count_and_equalises_classes(ds):
     np.testing.assert_allclose(shares, 0.25, atol=0.05)
     plan = task_plan(ds, "classifier", 16)
     _, y = _all(build_pipeline(ds, plan.tiles, "classifier", 1, 16, balanced=True, seed=1))
-    assert len(y) == len(plan) and set(np.unique(y)) <= set(np.unique(cell_labels(ds, plan.tiles, 16)))
+    labels = cell_labels(ds, plan.tiles, 16)
+    assert len(y["label"]) == len(plan) and set(np.unique(y["label"])) <= set(np.unique(labels))
+    assert np.mean(y["label"] > 0) > np.mean(labels > 0), "balancing must raise the share of infected crops"
 
 
 def test_classifier_rejects_tiles_that_are_not_cell_crops(ds):
@@ -145,11 +153,14 @@ def test_augmentation_moves_inputs_and_targets_together(ds, task):
     plain_x, plain_y = _all(build_pipeline(ds, tiles, task, 4, P))
     aug_x, aug_y = _all(build_pipeline(ds, tiles, task, 4, P, augment=True, seed=9, epoch=2))
     used = set()
+    key = "phase" if task == "refocus" else "classes"
     for n in range(len(tiles)):
         matches = [t for t, cand in enumerate(_transforms(plain_x[n])) if np.array_equal(cand, aug_x[n])]
         assert matches, f"sample {n}: augmented input is not a flip/rotation of the tile"
-        assert any(np.array_equal(_transforms(plain_y[n])[t], aug_y[n]) for t in matches)
+        assert any(np.array_equal(_transforms(plain_y[key][n])[t], aug_y[key][n]) for t in matches)
         used.add(matches[0])
+    if task == "refocus":
+        np.testing.assert_array_equal(plain_y["defocus_um"], aug_y["defocus_um"])
     assert len(used) > 1, "augmentation must actually vary between samples"
 
 
@@ -160,7 +171,7 @@ def test_deterministic_for_seed_and_epoch(ds):
     b = _all(build_pipeline(ds, tiles, "unet", 4, P, seed=1, epoch=3, **kwargs))
     c = _all(build_pipeline(ds, tiles, "unet", 4, P, seed=1, epoch=4, **kwargs))
     np.testing.assert_array_equal(a[0], b[0])
-    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(a[1]["classes"], b[1]["classes"])
     assert not np.array_equal(a[0], c[0])
 
 
@@ -170,7 +181,7 @@ def test_read_batch_and_dtype_do_not_change_pixels(ds):
     many = _all(build_pipeline(ds, tiles, "refocus", 5, P, read_batch=3))
     half = _all(build_pipeline(ds, tiles, "refocus", 5, P, dtype="bfloat16"))
     np.testing.assert_array_equal(one[0], many[0])
-    assert half[0].dtype == tf.bfloat16.as_numpy_dtype and half[1].dtype == np.float32
+    assert half[0].dtype == tf.bfloat16.as_numpy_dtype and half[1]["phase"].dtype == np.float32
     np.testing.assert_allclose(half[0].astype(np.float32), one[0], rtol=1e-2, atol=1e-2)
 
 
@@ -178,6 +189,34 @@ def test_batches_and_steps(ds):
     tiles = task_plan(ds, "unet", P).tiles[:10]
     assert [x.shape[0] for x, _ in build_pipeline(ds, tiles, "unet", 4, P)] == [4, 4]
     assert [x.shape[0] for x, _ in build_pipeline(ds, tiles, "unet", 4, P, drop_remainder=False)] == [4, 4, 2]
+
+
+@pytest.mark.parametrize("task", list(MODELS))
+def test_targets_are_the_spec_dict_for_every_model(ds, task):
+    """Regression: the pipeline once yielded bare tensors and no defocus target, so the refocus head was off."""
+    patch = 16 if task == "classifier" else P
+    spec = model_spec(task, "base", patch, 4 if task == "refocus" else 1)
+    tiles = task_plan(ds, task, patch).tiles[:3]
+    x, y = next(iter(build_pipeline(ds, tiles, task, 3, patch, spec=spec)))
+    assert tuple(x.shape) == (3, *spec.input_shape)
+    assert {k: (tuple(v.shape[1:]), v.dtype.name) for k, v in y.items()} == {
+        k: (tuple(shape), spec.targets.dtypes[k]) for k, shape in spec.targets.shapes.items()}
+    loss = spec.loss(y, {k: tf.zeros_like(v, tf.float32) for k, v in y.items()} if task in ("refocus", "detector")
+                     else {"logits": tf.zeros((3, *((patch, patch, 3) if task == "unet" else (4,))))})
+    assert np.isfinite(float(loss)) and float(loss) > 0
+
+
+def test_spec_options_shape_the_targets(ds):
+    plain = model_spec("refocus", "tiny", P, 4, defocus_head=False)
+    _, y = next(iter(build_pipeline(ds, task_plan(ds, "refocus", P).tiles[:2], "refocus", 2, P, spec=plain)))
+    assert set(y) == {"phase"}
+    stages = model_spec("detector", "tiny", P, 1, num_classes=4)
+    _, y = next(iter(build_pipeline(ds, task_plan(ds, "detector", P).tiles[:2], "detector", 2, P, spec=stages)))
+    assert y["heatmap"].shape == (2, P // 4, P // 4, 4)
+    with pytest.raises(ConfigError, match="does not fit task refocus with patch 32 and 4 channels"):
+        build_pipeline(ds, np.array([[0, 0, 0]]), "refocus", 1, P, spec=model_spec("refocus", "tiny", P, 2))
+    with pytest.raises(ConfigError, match="model spec unet"):
+        build_pipeline(ds, np.array([[0, 0, 0]]), "detector", 1, P, spec=model_spec("unet", "tiny", P, 1))
 
 
 @pytest.mark.parametrize(

@@ -66,3 +66,36 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "runs.parquet: not found; run `cellavie collect" in capsys.readouterr().err
     assert main(["collect", str(tmp_path / "none"), "--out", str(tmp_path / "r")]) == 2
     assert "no such sweep directory" in capsys.readouterr().err
+
+
+def test_plan_with_measured_allreduce_fit(sweep, tmp_path, capsys):
+    """--comm replaces the fitted exchange by the measured one: a 0.5 s allreduce latency slows 4 GPUs down."""
+    import re
+
+    from cellavie_hpc.report.comm_model import CommFit, write_comm_fits
+
+    results = tmp_path / "results"
+    assert main(["collect", str(sweep), "--out", str(results), "--quiet"]) == 0
+    slow = CommFit(engine="slow-ring", algorithm="ring", alpha_s=0.5, inv_bandwidth_s_per_byte=0.0, alpha_std_s=0.0,
+                   inv_bandwidth_std_s_per_byte=0.0, bandwidth_p5_bytes_per_s=1e9, bandwidth_p95_bytes_per_s=1e9,
+                   points=4, world_sizes=(2, 4), rms_rel_error=0.0, max_rel_error=0.0, gradient_bytes=1e6)
+    fits = write_comm_fits([slow, CommFit(**{**slow.__dict__, "engine": "other"})], tmp_path / "comm.json")
+    capsys.readouterr()
+
+    def hours(*extra):
+        assert main(["plan", str(results), "--tiles", "1e6", "--gpus", "4", "--bootstrap", "10", *extra]) == 0
+        out = capsys.readouterr().out
+        return float(re.search(r"GPU\(s\): ([0-9.]+) h", out).group(1)), out
+
+    fitted, out = hours()
+    assert "exchange term: fitted" in out
+    measured, out = hours("--comm", str(fits), "--comm-engine", "slow-ring")
+    assert "exchange term: measured: slow-ring" in out
+    # 1e6 samples / 4 GPUs / 8 per step = 31,250 steps, each with a 2(N-1) x 0.5 s = 3 s ring exchange; t0 + c b
+    # are refitted under it (non-negative, so at most the fitted model's whole step time).
+    exchange_h = 31_250 * 3.0 / 3600
+    assert exchange_h - 0.01 <= measured <= exchange_h + fitted + 0.01 and fitted < 2.0
+    assert main(["plan", str(results), "--tiles", "1000", "--gpus", "4", "--comm", str(fits)]) == 2
+    assert "engines in the file: slow-ring, other" in capsys.readouterr().err
+    assert main(["plan", str(results), "--tiles", "1000", "--gpus", "4", "--comm-engine", "x"]) == 2
+    assert "--comm-engine needs --comm FILE" in capsys.readouterr().err
