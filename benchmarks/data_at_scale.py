@@ -67,7 +67,7 @@ def first_batch_s(dataset, tiles, patch: int) -> float:
 # --- 1. start-up of R ranks at once ------------------------------------------------------------------
 
 def _rank_main(root: str, stage_root: str, rank: int, world: int, patch: int, barrier, queue) -> None:
-    import tensorflow as tf  # noqa: F401  (imported before the barrier: start-up, not data, is not timed)
+    import tensorflow  # noqa: F401  (imported before the barrier: start-up, not data, is not timed)
 
     from cellavie_hpc.data.dataset import open_dataset
     from cellavie_hpc.data.pipeline import task_plan
@@ -206,7 +206,8 @@ def imbalance_table(images: int, seed: int) -> None:
     file_bytes = np.array([h * w * (field_px + truth_px) for h, w in sizes], dtype=np.float64)
     print(f"\n(3) {images} images of {min(min(s) for s in sizes)}..{max(max(s) for s in sizes)} px (seed {seed}), "
           f"patch {patch}, stride {stride}, reflect border: {len(plan)} tiles; per rank per epoch: "
-          "tiles read (incl. pad repeats), decoded bytes, distinct file bytes touched (what staging copies)")
+          "own tiles (pad repeats excluded; pad % = repeats among tiles read), decoded bytes read, "
+          "distinct file bytes touched (what staging copies)")
     print(f"{'layout':<9} {'W':>3} {'sharding':<9} {'tiles max/med':>13} {'pad %':>6} {'decoded max/med':>15} "
           f"{'files max/med':>13} {'files MiB max':>13}")
     for layout_name, kwargs in (("tiled", {"tile": (256, 256)}), ("strip", {"rowsperstrip": 16})):

@@ -38,6 +38,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 MODELS = ("refocus", "unet", "detector", "classifier")
+#: Model options for both candidates: the engine's pipeline feeds the refocus model its phase target only.
+OPTIONS = {"refocus": {"defocus_head": False}}
 
 
 def naive_batches(ds, spec, tiles: np.ndarray, batch: int, seed: int):
@@ -78,8 +80,9 @@ def baseline_rate(ds, model_name: str, preset: str, patch: int, batch: int, step
     keras.config.set_dtype_policy("float32")
     keras.utils.set_random_seed(seed)
     channels = 2 * ds.angles if model_name == "refocus" else 1
-    spec = model_spec(model_name, preset, patch, channels)
-    trainer = SpecTrainer(build_model(model_name, preset, patch, channels), spec.loss)
+    options = OPTIONS.get(model_name, {})
+    spec = model_spec(model_name, preset, patch, channels, **options)
+    trainer = SpecTrainer(build_model(model_name, preset, patch, channels, **options), spec.loss)
     trainer.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=False)
     ends: list[float] = []
 
@@ -106,7 +109,7 @@ def engine_rate(dataset: Path, model_name: str, preset: str, patch: int, batch: 
         "run": {"name": run_dir.name, "seed": seed},
         "data": {"dataset": str(dataset), "patch": patch, "cache": True, "prefetch": -1, "parallel_reads": -1,
                  "eval_images": 0},
-        "model": {"name": model_name, "preset": preset},
+        "model": {"name": model_name, "preset": preset, "options": OPTIONS.get(model_name, {})},
         "train": {"batch_per_replica": batch, "steps": warmup + steps, "warmup_record_steps": warmup,
                   "precision": precision, "xla": xla, "steps_per_execution": spe, "progress_every": 10_000},
     })

@@ -1,4 +1,4 @@
-"""`cellavie demo`: synthetic data, the smoke sweep as local processes, collect, report; no cluster needed."""
+"""`cellavie demo`: synthetic data, a small scaling sweep as local processes, collect, report; no cluster needed."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo", metavar="DIR", help="sweep directory of the demo")
-    parser.add_argument("--sweep", metavar="SWEEP.yaml", help="sweep to run (default: jobs/smoke.yaml)")
+    parser.add_argument("--sweep", metavar="SWEEP.yaml", help="sweep to run (default: jobs/demo.yaml)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -307,28 +307,39 @@ def render_one(sweep: str | Path, point: str, *, out: str | Path | None = None, 
     return script, [config, logs]
 
 
-def smoke_sweep_file() -> Path:
-    """jobs/smoke.yaml of this source tree (the demo's sweep)."""
-    path = Path(__file__).resolve().parents[2] / "jobs" / "smoke.yaml"
+def demo_sweep_file() -> Path:
+    """jobs/demo.yaml of this source tree (the demo's sweep)."""
+    path = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
     if not path.exists():
         raise UserError(f"{path} not found: run the demo from a source checkout, or pass --sweep")
     return path
 
 
+def _without_horovod(entry: dict) -> dict | None:
+    """A sweep entry without its horovod back-end (None when nothing else is left)."""
+    backend = entry.get("backend")
+    if isinstance(backend, list):
+        rest = [b for b in backend if b != "horovod"]
+        return {**entry, "backend": rest} if rest else None
+    return None if backend == "horovod" else entry
+
+
 def run_demo(out: str | Path, sweep: str | Path | None = None, stream: TextIO | None = None) -> Path:
-    """The embedded default end to end, no cluster needed: generate the smoke sweep's data set, run its
+    """The embedded default end to end, no cluster needed: generate the demo sweep's data set, run its
     points as local processes, collect and report. Horovod points are left out (and said so) when
     Horovod is not installed. Returns the report folder."""
     import importlib.util
 
     stream = stream or sys.stdout
-    sweep = Path(sweep) if sweep else smoke_sweep_file()
+    sweep = Path(sweep) if sweep else demo_sweep_file()
     overrides: list[str] = []
     if importlib.util.find_spec("horovod") is None:
         mapping = sweep_mapping(sweep)
-        kept = [p for p in mapping.get("points") or [] if p.get("backend") != "horovod"]
-        if len(kept) != len(mapping.get("points") or []):
-            print("demo: Horovod is not installed: its points are left out", file=stream)
-            overrides.append(f"points={yaml.safe_dump(kept, default_flow_style=True).strip()}")
+        for section in ("points", "grid"):
+            entries = mapping.get(section) or []
+            kept = [e for e in map(_without_horovod, entries) if e is not None]
+            if kept != entries:
+                print(f"demo: Horovod is not installed: its {section} entries are left out", file=stream)
+                overrides.append(f"{section}={yaml.safe_dump(kept, default_flow_style=True).strip()}")
     result = submit_sweep(sweep, out=out, cluster="local", overrides=overrides, stream=stream)
     return result.report or Path(out) / "report"

@@ -2,7 +2,8 @@
 
 A residual encoder-decoder: two stride-2 stages shrink the field, dilated residual blocks at 1/4 resolution give the
 receptive field that a defocus blur of tens of pixels needs, and additive skips bring the fine detail back.
-The second head (``defocus_head``, on in the presets) regresses the defocus distance in micrometres from
+The optional second head (``defocus_head``, off in the presets: on 10 training images it did not beat predicting 0,
+see docs/models.rst) regresses the defocus distance in micrometres from
 the pooled bottleneck, which lets the chain check (or replace) the numerical autofocus.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ class RefocusConfig:
     scale of defocus_scale_um (so a 10 um error costs like a 1 rad phase error at the defaults)."""
     width: int = 32
     dilations: tuple[int, ...] = (1, 2, 4, 8, 1)
-    defocus_head: bool = True
+    defocus_head: bool = False
     defocus_weight: float = 0.1
     defocus_scale_um: float = 10.0
 

@@ -9,8 +9,9 @@ from model_tiles import defocused_field, disc_rasters, random_tiles
 
 from cellavie_hpc.errors import ConfigError, DataError
 from cellavie_hpc.models import metrics
-from cellavie_hpc.models.detector import decode_detections, non_max_suppression
-from cellavie_hpc.models.registry import MODELS, build_model, model_spec
+from cellavie_hpc.models.detector import decode_detections, non_max_suppression, target_boxes
+from cellavie_hpc.models import losses
+from cellavie_hpc.models.registry import LIST_SUFFIX, MODELS, build_model, model_spec
 from cellavie_hpc.models.targets import cell_boxes, detector_targets
 
 PATCH = {"refocus": 32, "unet": 32, "detector": 32, "classifier": 16}
@@ -73,7 +74,13 @@ def test_loss_and_metrics_run_in_a_graph(name):
     loss, batch = evaluate()
     assert loss.dtype == tf.float32 and loss.shape == () and math.isfinite(float(loss))
     assert float(loss) == pytest.approx(float(spec.loss(y, model(x, training=False))), rel=1e-4)
-    assert all(v.shape == () and v.dtype == tf.float32 for v in batch.values())
+    scalars = {k: v for k, v in batch.items() if not k.endswith(LIST_SUFFIX)}
+    assert all(v.shape == () and v.dtype == tf.float32 for v in scalars.values())
+    assert all(v.shape[0] == 2 for k, v in batch.items() if k.endswith(LIST_SUFFIX))
+    reduced = spec.reduce_metrics([batch, batch])
+    assert not any(k.endswith(LIST_SUFFIX) for k in reduced) and all(isinstance(v, float) for v in reduced.values())
+    if name == "detector":
+        assert {"map50", "cell_ap50", "ap50_healthy", "ap50_infected"} <= set(reduced)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -214,3 +221,34 @@ def test_single_target_models_accept_the_bare_tensor():
     logits = {"logits": np.eye(3, dtype=np.float32)[labels] * 4}
     assert float(spec.loss(labels, logits)) == pytest.approx(float(spec.loss({"classes": labels}, logits)))
     assert float(spec.metrics(labels, logits)["iou_interior"]) == 1.0
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_focal_loss_gradient_is_finite_on_confident_predictions(gamma):
+    """Regression: (1 - p)^gamma had a NaN gradient where p rounds to 1 (gamma 0: 0 * inf), which stopped a U-Net run."""
+    logits = tf.Variable([[60.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    with tf.GradientTape() as tape:
+        loss = losses.softmax_focal_loss(np.array([0, 1]), logits, gamma=gamma, class_weights=(1.0, 1.0, 3.0))
+    grad = tape.gradient(loss, logits).numpy()
+    assert np.isfinite(grad).all() and np.abs(grad[1]).max() > 0
+    if gamma == 0.0:  # plain cross-entropy
+        p = tf.nn.softmax(logits).numpy()
+        assert float(loss) == pytest.approx(float(np.mean(-np.log(p[[0, 1], [0, 1]]))), rel=1e-5)
+
+
+def test_detector_spec_scores_map_from_decoded_tiles():
+    """The engine's generic evaluation gets mAP@0.5: perfect outputs score 1, a missed cell lowers recall."""
+    instance, cls, _ = disc_rasters(32, [(9.5, 9.5, 4.0, 1), (22.0, 21.0, 5.0, 3)])
+    t = {k: v[None] for k, v in detector_targets(instance, cls).items()}
+    boxes = keras.ops.convert_to_numpy(target_boxes(t)["boxes"])[0][t["mask"].numpy()[0, ..., 0].reshape(-1) > 0]
+    want = cell_boxes(instance, cls)[0].numpy()
+    np.testing.assert_allclose(boxes[np.argsort(boxes[:, 0])], want[np.argsort(want[:, 0])], atol=1e-5)
+    spec = model_spec("detector", "tiny", patch=32)
+    perfect = logits_from_targets({k: v[0] for k, v in t.items()})
+    out = spec.reduce_metrics([spec.metrics(t, perfect)] * 3)
+    assert out["map50"] == pytest.approx(1.0) and out["cell_ap50"] == pytest.approx(1.0)
+    missed = dict(perfect, heatmap=np.where(perfect["heatmap"][..., 1:] > 0, -9.0, perfect["heatmap"][..., 1:]))
+    missed["heatmap"] = np.concatenate([perfect["heatmap"][..., :1], missed["heatmap"]], axis=-1)
+    out = spec.reduce_metrics([spec.metrics(t, missed)])
+    assert out["ap50_healthy"] == pytest.approx(1.0) and out["ap50_infected"] == 0.0
+    assert out["map50"] == pytest.approx(0.5) and out["cell_ap50"] == pytest.approx(0.5)
