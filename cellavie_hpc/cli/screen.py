@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--networks", default="classifier",
                         help="with --train-chain: comma-separated networks (classifier always; unet, detector, refocus)")
     parser.add_argument("--steps", type=int, default=None, help="with --train-chain: optimiser steps per network")
+    parser.add_argument("--crops", choices=("refocused", "truth"), default="refocused",
+                        help="with --train-chain: train the classifier on the chain's refocused phase around the cells "
+                             "it finds (default; uses --pad/--z-range-um as screening will), or on the clean in-focus "
+                             "phase around the true cells")
     parser.add_argument("--work-dir", default=None, help="with --train-chain: run folders (default MODELS_DIR/runs)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -73,18 +77,24 @@ def run(args: argparse.Namespace) -> int:
 
     from cellavie_hpc.errors import UserError
 
+    from cellavie_hpc.screen.chain import ScreenOptions
+
     progress = None if args.quiet else sys.stderr
+    options = ScreenOptions(refocus=args.refocus, tile=args.tile, overlap=args.overlap, batch=args.batch,
+                            crop_batch=args.crop_batch, prefetch=args.prefetch, precision=args.precision,
+                            xla={"auto": None, "on": True, "off": False}[args.xla], pad=args.pad,
+                            z_range_m=(args.z_range_um[0] * 1e-6, args.z_range_um[1] * 1e-6))
     if args.train_chain:
         from cellavie_hpc.screen.train_chain import train_chain
 
         networks = tuple(n.strip() for n in args.networks.split(",") if n.strip())
         steps = {n: args.steps for n in (*networks, "classifier")} if args.steps else None
         spec = train_chain(args.train_chain, args.models, args.work_dir or Path(args.models) / "runs",
-                           networks=networks, steps=steps, progress=progress)
+                           networks=networks, steps=steps, crops=args.crops, options=options, progress=progress)
         print(f"{args.models}: chain written (segmentation {spec.segmentation}, detection {spec.detection}, "
-              f"networks {', '.join(spec.networks())})")
+              f"networks {', '.join(spec.networks())}, classifier on {args.crops} crops, infected threshold "
+              f"{spec.infected_threshold:.3g})")
         return 0
-    from cellavie_hpc.screen.chain import ScreenOptions
     from cellavie_hpc.screen.run import screen_sample
 
     if args.out is None:
@@ -93,10 +103,6 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give exactly one of DATASET or --samples-from FILE")
     dataset = args.dataset or _sample_for_task(args.samples_from)
     out = Path(args.out) if args.dataset else Path(args.out) / Path(dataset).name
-    options = ScreenOptions(refocus=args.refocus, tile=args.tile, overlap=args.overlap, batch=args.batch,
-                            crop_batch=args.crop_batch, prefetch=args.prefetch, precision=args.precision,
-                            xla={"auto": None, "on": True, "off": False}[args.xla], pad=args.pad,
-                            z_range_m=(args.z_range_um[0] * 1e-6, args.z_range_um[1] * 1e-6))
     result = screen_sample(dataset, args.models, out, options, evaluate=args.evaluate, overlays=args.overlays,
                            infected_threshold=args.threshold, ci_method=args.ci_method, max_images=args.max_images,
                            progress=progress)

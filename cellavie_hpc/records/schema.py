@@ -8,6 +8,9 @@ Each rank of a run appends JSON objects, one per line, to `RUN_DIR/records/rank-
   device {kind "gpu"|"cpu", name, count}, versions {python, tensorflow, keras, horovod, numpy, cellavie_hpc},
   git_commit, config_hash, config (the full training configuration), flops_per_sample,
   per_replica_batch, global_batch, samples_per_epoch, warmup_steps, time_unix.
+  Optional (training engine): process_start_unix (when the rank's process started), gradient_bytes
+  (bytes one replica's gradients put on the wire per exchange), horovod_environment (HOROVOD_* variables
+  set before hvd.init, or null).
 * ``step`` (one per optimiser step, or per `log_every` steps): step (0-based global step),
   epoch, t_unix (end of step), wall_s, input_wait_s, compute_s, exchange_s (null when not measurable),
   samples (this rank's samples in the step, summed over the logged steps), loss,
@@ -15,6 +18,8 @@ Each rank of a run appends JSON objects, one per line, to `RUN_DIR/records/rank-
 * ``epoch``: epoch, steps, samples (this rank), wall_s, metrics (mapping).
 * ``final`` (last line): status ("completed"|"failed"|"preempted"), steps (global step count
   reached), samples (this rank, all attempts), wall_s, samples_per_s (this rank), metrics, error (or null).
+  Optional: startup_s (this attempt's start-up, seconds: import, backend, data, build, first_step and
+  their sum total = process start to the end of the first step; null if no step finished).
 
 Times are seconds (suffix `_s`) or Unix epoch seconds (`_unix`); memory in bytes.
 A record is one `write()` of one line, so a crash leaves at most one partial last line.

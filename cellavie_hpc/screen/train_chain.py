@@ -59,10 +59,21 @@ def chain_cells(phase: np.ndarray, instance: np.ndarray, truth_cells: list[dict]
     return cells
 
 
+def _chain_view_code() -> str:
+    """Digest of the code that makes the chain's view, so a reused refocused data set is never stale."""
+    import hashlib
+    import inspect
+
+    from cellavie_hpc.screen import chain
+
+    parts = [chain.physics_refocus, chain.flatten_background, chain.background_plane, chain.components, chain_cells]
+    return hashlib.sha256("".join(inspect.getsource(f) for f in parts).encode()).hexdigest()[:16]
+
+
 def refocused_dataset(source: str | Path, out: str | Path, spec: ChainSpec | None = None, options=None,
                       progress: TextIO | None = sys.stderr) -> Path:
     """Write the chain's view of data set `source` to `out` and return `out` (reused when already written
-    with the same source, options and chain thresholds).
+    with the same source, options, chain thresholds and refocusing code).
 
     Each image: the truth TIFF holds the refocused phase (page 0) and the original instance and class
     rasters; the cell list holds the chain's cells (`chain_cells`). Holograms are linked, not copied.
@@ -78,7 +89,7 @@ def refocused_dataset(source: str | Path, out: str | Path, spec: ChainSpec | Non
     options = options or ScreenOptions()
     ds = open_dataset(source)
     out = Path(out)
-    made_by = {"format": REFOCUSED_FORMAT, "source": str(Path(source).resolve()),
+    made_by = {"format": REFOCUSED_FORMAT, "source": str(Path(source).resolve()), "code": _chain_view_code(),
                "options": json.loads(json.dumps(dataclasses.asdict(options))),
                "chain": {k: getattr(spec, k) for k in ("threshold_rad", "min_area_px", "max_area_px")}}
     manifest_path = out / "manifest.json"

@@ -17,22 +17,65 @@ from train_helpers import (env, free_ports, max_difference, records, run_train, 
 
 from _requirements import require_horovod
 
+from cellavie_hpc.report.timeline import summarize_run
+
 #: Equivalence checks need a loss that is a mean of per-sample terms (the refocus MSE; Dice or a focal loss
 #: normalised by the batch's positives are not) and per-sample forward passes (frozen BatchNorm).
 EXACT = ["model.freeze_batchnorm=true", "model.options={defocus_head: false}", "train.optimizer=sgd",
          "train.learning_rate=0.01"]
 
 
+MODELS = ["refocus", "unet", "detector", "classifier"]
+
+
 def exact_config(tmp_path, dataset, **train):
     return write_config(tmp_path / "c.yaml", dataset, "refocus", **train)
 
 
+def run_concurrently(runs: dict[str, tuple[list[str], dict[str, str]]], timeout: int = 600) -> None:
+    """Start every (command, extra environment) at once and wait for all: the training processes are
+    single-threaded, so on a multi-core machine running them side by side saves wall time, not work."""
+    procs = {name: subprocess.Popen(cmd, env=env(**extra), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                    text=True) for name, (cmd, extra) in runs.items()}
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{err[-4000:]}"
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_dataset):
+def exact_runs(tmp_path_factory, tiny_dataset):
+    """The single-process splits of one batch of 4, run side by side: the reference (one replica, batch 4),
+    2 accumulated micro-batches of 2, and 2 mirrored CPU replicas of 2 - 4 steps each."""
+    folder = tmp_path_factory.mktemp("exact")
+    config = exact_config(folder, tiny_dataset, steps=4)
+    run_concurrently({
+        "reference": (train_command(config, folder / "reference", *EXACT, "train.batch_per_replica=4"), {}),
+        "accum": (train_command(config, folder / "accum", *EXACT, "train.batch_per_replica=2",
+                                "train.grad_accum=2"), {}),
+        "mirrored": (train_command(config, folder / "mirrored", *EXACT, "train.backend=mirrored",
+                                   "train.cpu_replicas=2", "train.batch_per_replica=2",
+                                   "train.steps_per_execution=2"), {}),
+    })
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(exact_runs):
     """One process, one replica, batch 4, 4 steps: what every split of the same batch must reproduce."""
-    folder = tmp_path_factory.mktemp("reference")
-    run_train(exact_config(folder, tiny_dataset, steps=4), folder / "run", *EXACT, "train.batch_per_replica=4")
-    return folder / "run"
+    return exact_runs / "reference"
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory, tiny_dataset):
+    """Each model's tiny preset trained for 14 steps, the four runs side by side."""
+    folder = tmp_path_factory.mktemp("learned")
+    runs = {}
+    for model in MODELS:
+        config = write_config(folder / f"{model}.yaml", tiny_dataset, model, steps=14)
+        extra = ["model.options={defocus_head: false}"] if model == "refocus" else []
+        runs[model] = (train_command(config, folder / model, *extra), {})
+    run_concurrently(runs)
+    return folder
 
 
 def step_losses(run_dir):
@@ -40,16 +83,14 @@ def step_losses(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["refocus", "unet", "detector", "classifier"])
-def test_each_model_learns(tmp_path, tiny_dataset, model):
-    config = write_config(tmp_path / "c.yaml", tiny_dataset, model, steps=14)
-    extra = ["model.options={defocus_head: false}"] if model == "refocus" else []
-    run_train(config, tmp_path / "run", *extra)
-    losses = step_losses(tmp_path / "run")
+@pytest.mark.parametrize("model", MODELS)
+def test_each_model_learns(learned, model):
+    run_dir = learned / model
+    losses = step_losses(run_dir)
     assert len(losses) == 14 and all(np.isfinite(losses))
     assert np.mean(losses[-4:]) < 0.9 * np.mean(losses[:4]), losses
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    final = records(tmp_path / "run")[-1]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    final = records(run_dir)[-1]
     assert final["status"] == "completed" and final["steps"] == 14 and final["samples"] == 14 * 4
     assert final["metrics"] == metrics and len(metrics) > 1
 
@@ -70,6 +111,13 @@ def test_records_are_complete_and_schema_valid(tmp_path, tiny_dataset):
         assert r["wall_s"] == pytest.approx(r["input_wait_s"] + r["compute_s"])
         assert r["mem_source"] == "rss" and r["mem_peak_bytes"] > 10 ** 7 and r["exchange_s"] is None
     assert (tmp_path / "run" / "config.yaml").exists() and (tmp_path / "run" / "model.weights.h5").exists()
+    startup = recs[-1]["startup_s"]
+    parts = ("import", "backend", "data", "build", "first_step")
+    assert set(startup) == {*parts, "total"} and all(startup[k] >= 0 for k in parts)
+    assert startup["import"] > 0.5 and startup["first_step"] > 0.1  # TensorFlow's import; tracing the step
+    assert sum(startup[k] for k in parts) == pytest.approx(startup["total"], abs=0.05)
+    assert header["process_start_unix"] + startup["total"] <= steps[0]["t_unix"]
+    assert header["gradient_bytes"] > 10 ** 4 and header["horovod_environment"] is None
 
 
 def test_failure_writes_a_failed_final_record(tmp_path, tiny_dataset):
@@ -94,11 +142,13 @@ def _wait_for_steps(proc, run_dir, n, timeout=120):
 @pytest.mark.slow
 def test_preempted_run_resumes_to_the_same_weights(tmp_path, tiny_dataset):
     config = write_config(tmp_path / "c.yaml", tiny_dataset, steps=24)
-    run_train(config, tmp_path / "straight")
+    straight = subprocess.Popen(train_command(config, tmp_path / "straight"), env=env(), stderr=subprocess.PIPE,
+                                text=True)  # side by side with the interrupted run
     proc = subprocess.Popen(train_command(config, tmp_path / "cut"), env=env(), stderr=subprocess.PIPE, text=True)
     _wait_for_steps(proc, tmp_path / "cut", 3)
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=120) == 75
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()[-4000:]
     first = records(tmp_path / "cut")
     assert first[-1]["status"] == "preempted" and 3 <= first[-1]["steps"] < 24
     run_train(config, tmp_path / "cut")
@@ -122,31 +172,17 @@ def test_killed_rank_leaves_no_completed_status(tmp_path, tiny_dataset):
 
 
 @pytest.mark.slow
-def test_gradient_accumulation_equals_a_bigger_batch(tmp_path, tiny_dataset, reference):
-    config = exact_config(tmp_path, tiny_dataset, steps=4)
-    run_train(config, tmp_path / "accum", *EXACT, "train.batch_per_replica=2", "train.grad_accum=2")
-    assert max_difference(weights(tmp_path / "accum"), weights(reference)) < 1e-5
-    assert step_losses(tmp_path / "accum") == pytest.approx(step_losses(reference), abs=1e-5)
+def test_gradient_accumulation_equals_a_bigger_batch(exact_runs, reference):
+    assert max_difference(weights(exact_runs / "accum"), weights(reference)) < 1e-5
+    assert step_losses(exact_runs / "accum") == pytest.approx(step_losses(reference), abs=1e-5)
     losses = step_losses(reference)
     assert abs(losses[0] - losses[-1]) > 1e-3  # not vacuous: the updates changed the model
 
 
 @pytest.mark.slow
-def test_mirrored_two_cpu_replicas_match_one_replica_with_twice_the_batch(tmp_path, tiny_dataset, reference):
-    config = exact_config(tmp_path, tiny_dataset, steps=4)
-    run_train(config, tmp_path / "mirrored", *EXACT, "train.backend=mirrored", "train.cpu_replicas=2",
-              "train.batch_per_replica=2", "train.steps_per_execution=2")
-    assert records(tmp_path / "mirrored")[0]["global_batch"] == 4
-    assert max_difference(weights(tmp_path / "mirrored"), weights(reference)) < 1e-5
-
-
-def _two_ranks(tmp_path, name, command, extra_env):
-    procs = [subprocess.Popen(command(rank), env=env(**extra_env(rank)), stderr=subprocess.PIPE, text=True)
-             for rank in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-4000:]
-    return tmp_path / name
+def test_mirrored_two_cpu_replicas_match_one_replica_with_twice_the_batch(exact_runs, reference):
+    assert records(exact_runs / "mirrored")[0]["global_batch"] == 4
+    assert max_difference(weights(exact_runs / "mirrored"), weights(reference)) < 1e-5
 
 
 @pytest.mark.slow
@@ -155,10 +191,9 @@ def test_multiworker_two_processes_agree_and_match_single(tmp_path, tiny_dataset
     ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     run_dir = tmp_path / "mw"
-    _two_ranks(tmp_path, "mw",
-               lambda rank: train_command(config, run_dir, *EXACT, "train.backend=multiworker",
-                                          "train.batch_per_replica=2"),
-               lambda rank: {"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": rank}})})
+    command = train_command(config, run_dir, *EXACT, "train.backend=multiworker", "train.batch_per_replica=2")
+    run_concurrently({f"rank {rank}": (command, {"TF_CONFIG": json.dumps(
+        {"cluster": cluster, "task": {"type": "worker", "index": rank}})}) for rank in range(2)}, timeout=300)
     for rank in range(2):
         recs = records(run_dir, rank)
         assert recs[0]["world_size"] == 2 and recs[0]["rank"] == rank and recs[-1]["status"] == "completed"
@@ -166,23 +201,49 @@ def test_multiworker_two_processes_agree_and_match_single(tmp_path, tiny_dataset
     assert max_difference(weights(run_dir, 0), weights(reference)) < 1e-5
 
 
-@pytest.mark.slow
-@pytest.mark.horovod
-def test_horovod_two_processes_agree_and_match_single(tmp_path, tiny_dataset, reference):
+def _horovod_gloo(tmp_path, tiny_dataset, name, *overrides):
     info = require_horovod()
     config = exact_config(tmp_path, tiny_dataset, steps=4)
-    run_dir = tmp_path / "hvd"
+    run_dir = tmp_path / name
     command = [info.horovodrun, "-np", "2", "--gloo", "-H", "localhost:2",
                *train_command(config, run_dir, *EXACT, "train.backend=horovod", "train.batch_per_replica=2",
-                              "train.measure_exchange=true")]
+                              "train.horovod.timeline=true", *overrides)]
     proc = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for rank in range(2):
         recs = records(run_dir, rank)
         assert recs[0]["world_size"] == 2 and recs[0]["rank"] == rank and recs[-1]["status"] == "completed"
-        assert all(r["exchange_s"] > 0 for r in recs if r["kind"] == "step")
     assert max_difference(weights(run_dir, 0), weights(run_dir, 1)) == 0.0
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.horovod
+def test_horovod_two_processes_agree_and_match_single(tmp_path, tiny_dataset, reference):
+    run_dir = _horovod_gloo(tmp_path, tiny_dataset, "hvd", "train.measure_exchange=true")
+    assert all(r["exchange_s"] > 0 for r in records(run_dir) if r["kind"] == "step")
     assert max_difference(weights(run_dir, 0), weights(reference)) < 1e-5
+    # One grouped allreduce per step: Horovod fuses the gradients (default threshold) into few messages.
+    summary = summarize_run(run_dir)
+    assert summary.tensors_per_step >= 10 and summary.messages_per_step <= 3, summary
+
+
+@pytest.mark.slow
+@pytest.mark.horovod
+def test_horovod_fp16_per_tensor_exchange_without_fusion_stays_close(tmp_path, tiny_dataset, reference):
+    """fp16 compression changes the result (not vacuous) by less than the stated tolerance; fusion off
+    (HOROVOD_FUSION_THRESHOLD=0, exported before hvd.init) makes every gradient its own message."""
+    run_dir = _horovod_gloo(tmp_path, tiny_dataset, "fp16", "train.allreduce_compression=fp16",
+                            "train.horovod.exchange=per_tensor", "train.horovod.fusion_threshold_bytes=0",
+                            "train.horovod.cycle_time_ms=2")
+    header = records(run_dir)[0]
+    assert header["horovod_environment"]["HOROVOD_FUSION_THRESHOLD"] == "0"
+    assert header["horovod_environment"]["HOROVOD_CYCLE_TIME"] == "2.0"
+    difference = max_difference(weights(run_dir), weights(reference))
+    assert 0 < difference < 1e-3, difference
+    assert step_losses(run_dir) == pytest.approx(step_losses(reference), rel=1e-3)
+    summary = summarize_run(run_dir)
+    assert summary.messages_per_step == summary.tensors_per_step >= 10, summary
 
 
 def test_info_json_reports_versions_devices_and_rank():
