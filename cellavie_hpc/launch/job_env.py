@@ -121,8 +121,12 @@ def detect(env: Mapping[str, str] | None = None) -> JobEnvironment:
             index = int(tf_config["task"]["index"])
         except (ValueError, KeyError, TypeError):
             return JobEnvironment(node=node, **slurm)
+        hosts = [str(w).rsplit(":", 1)[0] for w in workers]
+        unique = list(dict.fromkeys(hosts))
+        mine = hosts[index] if 0 <= index < len(hosts) else node
         return JobEnvironment(
-            rank=index, world_size=len(workers), local_rank=0, local_size=1, node_rank=index,
-            nodes=len(workers), node=node, launcher="tf_config", **slurm,
+            rank=index, world_size=len(workers), local_rank=hosts[:index].count(mine),
+            local_size=hosts.count(mine), node_rank=unique.index(mine) if mine in unique else 0,
+            nodes=len(unique), node=node, launcher="tf_config", **slurm,
         )
     return JobEnvironment(node=node, launcher="slurm" if env.get("SLURM_JOB_ID") else "none", **slurm)

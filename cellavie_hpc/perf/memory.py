@@ -7,10 +7,11 @@ its peak. It does *not fit* when
 
 * the allocator raises (`tf.errors.ResourceExhaustedError`, `MemoryError`, an XLA/JAX "RESOURCE_EXHAUSTED"),
 * the process is killed by a signal (the OOM killer's SIGKILL), or
-* a memory budget in bytes is given and the peak exceeds it: on a CPU the resident set size, watched
-  every 5 ms by a thread that ends the trial as soon as it crosses the budget (so the machine never
-  actually runs out); on a GPU the allocator's peak. The CPU peak includes the runtime itself
-  (`baseline_bytes`, measured before the model is built), which the table shows separately.
+* the peak exceeds the memory budget in bytes: on a CPU the resident set size (default budget: half
+  the machine's memory), watched every 5 ms by a thread that ends the trial as soon as it crosses the
+  budget (so the machine never actually runs out); on a GPU the allocator's peak (default: the
+  device's own limit). The CPU peak includes the runtime itself (`baseline_bytes`, measured before
+  the model is built), which the table shows separately.
 
 Any other failure is an error, not "does not fit": a broken model must not pass for a full device.
 Trials run through the training engine's own step (`train.loop.build_step`, TensorFlow) or, with

@@ -28,7 +28,7 @@ from cellavie_hpc.errors import UserError
 from cellavie_hpc.screen.models_dir import ChainSpec, NetworkEntry, save_chain
 
 NETWORKS = ("classifier", "unet", "detector", "refocus")
-DEFAULT_STEPS = {"classifier": 600, "unet": 300, "detector": 300, "refocus": 300}
+DEFAULT_STEPS = {"classifier": 3000, "unet": 300, "detector": 300, "refocus": 300}
 DEFAULT_PATCH = {"classifier": 64, "unet": 128, "detector": 128, "refocus": 128}
 DEFAULT_BATCH = {"classifier": 32, "unet": 8, "detector": 8, "refocus": 8}
 CROP_SOURCES = ("refocused", "truth")

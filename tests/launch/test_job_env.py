@@ -40,7 +40,10 @@ def test_horovodrun_and_tf_config():
     hvd = detect({"HOROVOD_RANK": "1", "HOROVOD_SIZE": "2", "HOROVOD_LOCAL_RANK": "1", "HOROVOD_LOCAL_SIZE": "2"})
     assert (hvd.rank, hvd.world_size, hvd.launcher) == (1, 2, "horovodrun")
     tf = detect({"TF_CONFIG": json.dumps({"cluster": {"worker": ["a:1", "b:2", "c:3"]}, "task": {"type": "worker", "index": 2}})})
-    assert (tf.rank, tf.world_size, tf.launcher) == (2, 3, "tf_config")
+    assert (tf.rank, tf.world_size, tf.launcher, tf.nodes) == (2, 3, "tf_config", 3)
+    local = detect({"TF_CONFIG": json.dumps({"cluster": {"worker": ["localhost:1", "localhost:2", "gpu2:1"]},
+                                             "task": {"type": "worker", "index": 1}})})
+    assert (local.rank, local.local_rank, local.local_size, local.node_rank, local.nodes) == (1, 1, 2, 0, 2)
 
 
 def test_hostlist_expansion_keeps_zero_padding():
