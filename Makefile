@@ -1,10 +1,12 @@
 # cellavie-hpc: every target a researcher types on a login node or a laptop.
-# Variables: SWEEP (sweep file), CLUSTER (slurm|local), OUT (sweep folder), RESULTS, REPORT.
+# Variables: SWEEP (sweep file), SCALE (a `scales:` entry of it, e.g. smoke), CLUSTER (slurm|local|auto),
+# OUT (sweep folder), RESULTS, REPORT.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CELLAVIE := $(VENV)/bin/cellavie
 SWEEP ?= jobs/scaling.yaml
+SCALE ?=
 CLUSTER ?= slurm
 OUT ?= sweeps/$(basename $(notdir $(SWEEP)))
 RESULTS ?= $(OUT)/results
@@ -36,16 +38,16 @@ test-fast: $(STAMP)  ## tests that need neither Slurm nor Horovod
 demo: $(STAMP)  ## the embedded default end to end on this machine: synthetic data, local sweep, report
 	$(CELLAVIE) demo --out demo
 
-submit-scaling:  ## submit $(SWEEP) to $(CLUSTER) into $(OUT); returns once queued
-	$(CELLAVIE) sweep submit "$(SWEEP)" --cluster "$(CLUSTER)" --out "$(OUT)"
+submit-scaling:  ## submit SWEEP (at SCALE) to CLUSTER into OUT; returns once queued
+	$(CELLAVIE) sweep submit "$(SWEEP)" --cluster "$(CLUSTER)" --out "$(OUT)" $(if $(SCALE),--scale "$(SCALE)")
 
-sweep-status:  ## pending / running / done / failed per point of $(OUT)
+sweep-status:  ## pending / running / done / failed per point of OUT
 	$(CELLAVIE) sweep status "$(OUT)"
 
-collect:  ## gather the records of $(OUT) into $(RESULTS)
+collect:  ## gather the records of OUT into RESULTS
 	$(CELLAVIE) collect "$(OUT)" --out "$(RESULTS)"
 
-report:  ## tables, plots, LaTeX and HTML from $(RESULTS) into $(REPORT)
+report:  ## tables, plots, LaTeX and HTML from RESULTS into REPORT
 	$(CELLAVIE) report "$(RESULTS)" --out "$(REPORT)"
 
 bench:  ## single-device methodology (jobs/single_gpu.yaml) on this machine

@@ -65,6 +65,7 @@ def build_pipeline(
     prefetch: int = -1,
     parallel_reads: int = -1,
     augment: bool = False,
+    defocus_jitter_m: float = 0.0,
     seed: int = 0,
     epoch: int = 0,
     dtype: str = "float32",
@@ -85,7 +86,10 @@ def build_pipeline(
     across ranks) to equal classes. `shuffle_buffer=0` keeps the shard order (already a per-epoch
     permutation); `prefetch`/`parallel_reads` of -1 mean AUTOTUNE. Augmentation (flips, 90-degree
     rotations, applied to inputs and truth rasters before the targets are made) is deterministic in
-    (seed, epoch, position). Inputs are cast to `dtype`; targets keep the spec's dtypes.
+    (seed, epoch, position). `defocus_jitter_m` > 0 (refocus only) propagates each input field by a
+    random known distance in [-jitter, +jitter] and moves its focus-distance target by the same amount,
+    so the network sees defocus distances the data set does not hold; deterministic like augmentation.
+    Inputs are cast to `dtype`; targets keep the spec's dtypes.
     """
     import tensorflow as tf
 
@@ -96,6 +100,9 @@ def build_pipeline(
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     spec = _checked_spec(spec, dataset, task, int(patch))
+    if not np.isfinite(defocus_jitter_m) or defocus_jitter_m < 0 or (defocus_jitter_m > 0 and task != "refocus"):
+        raise ConfigError(f"defocus_jitter_m must be a finite distance >= 0, and > 0 only for the refocus task "
+                          f"(got {defocus_jitter_m!r} for task {task})")
     tiles = np.asarray(shard_tiles, dtype=np.int64).reshape(-1, 3)
     if tiles.size and (tiles[:, 0].min() < 0 or tiles[:, 0].max() >= len(dataset.images)):
         raise ConfigError(f"shard names images outside 0..{len(dataset.images) - 1} of {dataset.root}")
@@ -117,10 +124,14 @@ def build_pipeline(
         out = tf.numpy_function(reader.read, [batch_tiles], [s[1] for s in specs], stateful=False)
         for tensor, (shape, _) in zip(out, specs):
             tensor.set_shape((None, *shape))
-        return (*out, batch_tiles[:, 0])  # the image index travels with each sample (its focus distance)
+        # The image index travels with each sample (its focus distance), with the defocus added since (m).
+        return (*out, batch_tiles[:, 0], tf.zeros(tf.shape(batch_tiles)[:1], tf.float32))
 
     data = tf.data.Dataset.from_tensor_slices(tiles)
     data = data.batch(read_batch).map(read, num_parallel_calls=parallel).unbatch()
+    if defocus_jitter_m > 0:
+        data = data.enumerate().map(_defocus_jitterer(dataset, defocus_jitter_m, seed, epoch),
+                                    num_parallel_calls=parallel)
     if shuffle_buffer > 0:
         data = data.shuffle(shuffle_buffer, seed=_mix(seed, epoch), reshuffle_each_iteration=False)
     if augment:
@@ -243,14 +254,14 @@ def _sample_maker(task: str, spec, dataset, dtype: str) -> Callable:
     focus_m = tf.constant([info.focus_distance_m for info in dataset.images], tf.float32)
 
     def make(*arrays):
-        *rasters, image = arrays
+        *rasters, image, added_defocus_m = arrays
         if task == "refocus":
             field, phase = rasters
             inputs, truth = field, {"phase": phase}
         else:
             phase, instance, cls = rasters
             inputs, truth = phase[..., tf.newaxis], {"phase": phase, "instance": instance, "cls": cls}
-        truth["focus_distance_m"] = tf.gather(focus_m, image)
+        truth["focus_distance_m"] = tf.gather(focus_m, image) - added_defocus_m
         return tf.cast(inputs, cast), spec.targets.from_truth(truth)
 
     return make
@@ -269,7 +280,7 @@ def _augmenter(seed: int, epoch: int) -> Callable:
 
         def move(a):
             if a.shape.rank is not None and a.shape.rank < 2:
-                return a  # the image index: nothing spatial to move
+                return a  # the image index and added defocus: nothing spatial to move
             squeeze = a.shape.rank == 2
             a = a[..., tf.newaxis] if squeeze else a
             a = tf.image.rot90(a, k)
@@ -277,6 +288,28 @@ def _augmenter(seed: int, epoch: int) -> Callable:
             return a[..., 0] if squeeze else a
 
         return tuple(move(a) for a in arrays)
+
+    return apply
+
+
+def _defocus_jitterer(dataset, jitter_m: float, seed: int, epoch: int) -> Callable:
+    """Propagate each sample's field (P, P, 2A) by a uniform random distance in [-jitter_m, jitter_m]
+    (edge padding against wrap-around) and add it to the sample's defocus."""
+    import tensorflow as tf
+
+    from cellavie_hpc.optics.propagation import propagate
+
+    base = _mix(seed, epoch + 1_000_003)  # independent of the flips/rotations drawn from (seed, epoch)
+
+    def apply(index, sample):
+        field, phase, image, added_m = sample
+        shift_m = tf.random.stateless_uniform([], seed=tf.stack([tf.constant(base, tf.int64), index]),
+                                              minval=-jitter_m, maxval=jitter_m)
+        planes = tf.transpose(tf.complex(field[..., 0::2], field[..., 1::2]), [2, 0, 1])  # (A, P, P)
+        moved = tf.transpose(propagate(planes, shift_m, dataset.wavelength_m, dataset.pixel_size_m,
+                                       dataset.medium_index, pad="edge"), [1, 2, 0])
+        channels = tf.reshape(tf.stack([tf.math.real(moved), tf.math.imag(moved)], axis=-1), tf.shape(field))
+        return channels, phase, image, added_m + shift_m
 
     return apply
 

@@ -14,6 +14,8 @@ Definitions (also in docs/records.rst):
 * Step time of a run, per step: the slowest rank's time (synchronous data parallelism waits for it).
 * Straggler: the rank with the most busy time (input wait + compute, i.e. excluding the exchange,
   where the other ranks wait for it); ratio = its busy time / the median rank's.
+* Time to first step: the slowest rank's process start to the end of its first step (see
+  `_time_to_first_step`; ``startup_source`` says which measurement it is).
 """
 from __future__ import annotations
 
@@ -114,13 +116,40 @@ def summarize_rank(rec: RankRecords, warmup_steps: int | None = None) -> tuple[d
         "exchange_s": stats.nansum_or_nan(s["exchange_s"][keep]),
         "step_time_median_s": q["median"], "step_time_p10_s": q["p10"], "step_time_p90_s": q["p90"],
         "mem_peak_bytes": int(s["mem_peak_bytes"].max()) if (s["mem_peak_bytes"] >= 0).any() else None,
-        "time_to_first_step_s": float(s["t_unix"][0]) - float(start.get("time_unix") or np.nan),
+        **_time_to_first_step(rec, start, float(s["t_unix"][0])),
         "nan_loss_steps": int((~finite_loss).sum()),
         "first_nan_loss_step": int(s["step"][~finite_loss][0]) if (~finite_loss).any() else None,
     }
     busy = np.nan_to_num(s["input_wait_s"][keep]) + np.nan_to_num(s["compute_s"][keep])
     row["busy_s"] = float(busy.sum()) if np.isfinite(s["compute_s"][keep]).any() else row["measured_wall_s"]
     return row, s["step"][keep], per_step[keep]
+
+
+def _time_to_first_step(rec: RankRecords, start: dict[str, Any], first_step_unix: float) -> dict[str, Any]:
+    """Seconds from the rank's start to its first step, and which measurement gave them (`startup_source`).
+
+    Best first: the final record's `startup_s.total` (process start to the end of the first step, latest
+    attempt); else the first step's end minus the header's `process_start_unix`; else minus the header's
+    `time_unix`, which is written after imports and the model build and so misses them.
+    """
+    total = _lookup(rec.final, "startup_s.total")
+    if total is not None:
+        return {"time_to_first_step_s": float(total), "startup_source": "startup_s"}
+    if start.get("process_start_unix") is not None:
+        return {"time_to_first_step_s": first_step_unix - float(start["process_start_unix"]),
+                "startup_source": "process_start"}
+    return {"time_to_first_step_s": first_step_unix - float(start.get("time_unix") or np.nan),
+            "startup_source": "header"}
+
+
+def _slowest_start(ranks_df: pd.DataFrame) -> dict[str, Any]:
+    """The run's time to first step: its slowest rank's, with that rank's `startup_source`."""
+    times = pd.to_numeric(ranks_df.get("time_to_first_step_s"), errors="coerce") \
+        if "time_to_first_step_s" in ranks_df else None
+    if times is None or not times.notna().any():
+        return {"time_to_first_step_s": np.nan, "startup_source": None}
+    slowest = ranks_df.loc[times.idxmax()]
+    return {"time_to_first_step_s": float(times.max()), "startup_source": slowest["startup_source"]}
 
 
 class _StepMax:
@@ -262,8 +291,7 @@ def collect_run(run_dir: Path, warmup_steps: int | None = None, sweep_dir: Path 
         "mem_peak_rank": int(ranks_df["rank"].iloc[int(mem.fillna(-1).to_numpy().argmax())])
         if mem is not None and mem.notna().any() else None,
         "mem_source": next((m for m in ranks_df["mem_source"] if m), None),
-        "time_to_first_step_s": float(ranks_df["time_to_first_step_s"].max())
-        if "time_to_first_step_s" in ranks_df else np.nan,
+        **_slowest_start(ranks_df),
         "wall_s": slowest, "nan_loss_steps": int(ranks_df.get("nan_loss_steps", pd.Series([0])).fillna(0).sum()),
         "partial_lines": int(ranks_df["partial_lines"].sum()), "duplicate_steps": int(ranks_df["duplicate_steps"].sum()),
         "error": errors[0] if errors else None,

@@ -44,7 +44,10 @@ class DataSection:
     """Where tiles come from and how the input pipeline feeds them (see data/tiling, data/sharding, data/pipeline).
 
     The last `eval_images` images of the data set are held out of training and used for the
-    evaluation metrics written after training.
+    evaluation metrics written after training. `stage_dir` (a node-local folder such as `$TMPDIR` or
+    /dev/shm; null reads in place) copies the files this rank reads there first, at most
+    `stage_budget_bytes` per rank (null: free space only); `tile_cache` (a node-local folder; null: none)
+    pre-tiles this rank's windows into one file there (see docs/data_at_scale.rst).
     """
 
     dataset: str
@@ -60,6 +63,9 @@ class DataSection:
     augment: bool = False
     max_images: int | None = None
     eval_images: int = 1
+    stage_dir: str | None = None
+    stage_budget_bytes: int | None = None
+    tile_cache: str | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.dataset.strip()), "dataset", self.dataset, "the path of a data set")
@@ -73,6 +79,10 @@ class DataSection:
         _require(self.max_images is None or self.max_images >= 2, "max_images", self.max_images,
                  "null or >= 2 (at least one training and one evaluation image)")
         _require(self.eval_images >= 0, "eval_images", self.eval_images, "an integer >= 0")
+        _require(self.stage_budget_bytes is None or self.stage_budget_bytes >= 0, "stage_budget_bytes",
+                 self.stage_budget_bytes, "null (free space only) or bytes >= 0")
+        _require(self.tile_cache is None or not self.cache, "tile_cache", self.tile_cache,
+                 "null when cache is true (both keep decoded tiles; choose one)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -109,12 +109,10 @@ def _as_targets(spec, y):
     if isinstance(y, dict):
         missing = [k for k in keys if k not in y]
         if missing:
-            raise ConfigError(f"model {spec.name} needs targets {missing} that the data pipeline does not provide"
-                              + ("; set model.options.defocus_head=false" if "defocus_um" in missing else ""))
+            raise ConfigError(f"model {spec.name} needs targets {missing} that the data pipeline does not provide")
         return y
     if len(keys) != 1:
-        raise ConfigError(f"model {spec.name} needs targets {keys}; the data pipeline provides one tensor"
-                          + ("; set model.options.defocus_head=false" if "defocus_um" in keys else ""))
+        raise ConfigError(f"model {spec.name} needs targets {keys}; the data pipeline provides one tensor")
     return {keys[0]: y}
 
 
@@ -220,13 +218,44 @@ def _prepare_data(config: TrainConfig) -> _Data:
     return _Data(ds, train_plan, plan.tiles[(image >= n_train) & (image < used)], config.model.name)
 
 
-def _pipeline(config: TrainConfig, data: _Data, tiles: np.ndarray, batch: int, epoch: int, augment: bool):
+def _localize(config: TrainConfig, data: _Data, world_size: int, rank: int) -> _Data:
+    """Stage this rank's files and/or build its pre-tiled cache (data.stage_dir, data.tile_cache).
+
+    Both cover what this rank reads: its training tiles (all of them, or under `locality` its own
+    images' tiles, which stay this rank's in every epoch) and the held-out tiles. The returned data set
+    reads bitwise what the original reads, so training gives the same batches.
+    """
+    from cellavie_hpc.data.sharding import shard
+    from cellavie_hpc.data.staging import resolve_stage_dir, stage_dataset
+    from cellavie_hpc.data.tile_cache import TileCache
+
+    d, ds, plan = config.data, data.dataset, data.train_plan
+    if d.stage_dir is None and d.tile_cache is None:
+        return data
+    mine = plan.tiles
+    if d.locality:
+        own = shard(plan, world_size, rank, 0, config.run.seed, remainder=d.remainder, locality=True).images()
+        mine = plan.tiles[np.isin(plan.images, own)]
+    needed = np.concatenate([mine, data.eval_tiles])
+    if d.stage_dir is not None:
+        ds, report = stage_dataset(ds, needed, d.stage_dir, d.stage_budget_bytes, task=data.task, progress=rank == 0)
+        print(report.line(), file=sys.stderr)
+    if d.tile_cache is not None:
+        name = f"{data.task}-p{d.patch}" + (f"-w{world_size}-r{rank}" if d.locality else "") + ".tiles"
+        ds = TileCache.build(resolve_stage_dir(d.tile_cache) / name, ds, needed, data.task, d.patch,
+                             progress=rank == 0).view(ds)
+    return dataclasses.replace(data, dataset=ds)
+
+
+def _pipeline(config: TrainConfig, data: _Data, tiles: np.ndarray, batch: int, epoch: int, augment: bool, spec, *,
+              balanced: bool = False, drop_remainder: bool = True):
     from cellavie_hpc.data.pipeline import build_pipeline
 
     d = config.data
-    return build_pipeline(data.dataset, tiles, data.task, batch, d.patch, cache=d.cache,
+    return build_pipeline(data.dataset, tiles, data.task, batch, d.patch, spec=spec, cache=d.cache,
                           shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch, parallel_reads=d.parallel_reads,
-                          augment=augment, seed=config.run.seed, epoch=epoch)
+                          augment=augment, seed=config.run.seed, epoch=epoch, balanced=balanced,
+                          drop_remainder=drop_remainder)
 
 
 def evaluate(model, spec, config: TrainConfig, data: _Data, batch: int) -> dict[str, float]:
@@ -237,7 +266,7 @@ def evaluate(model, spec, config: TrainConfig, data: _Data, batch: int) -> dict[
         return {}
     predict = tf.function(lambda x: model(x, training=False))
     batches = []
-    for x, y in _pipeline(config, data, data.eval_tiles, batch, 0, augment=False).unbatch().batch(batch):
+    for x, y in _pipeline(config, data, data.eval_tiles, batch, 0, False, spec, drop_remainder=False):
         batches.append(spec.metrics(_as_targets(spec, y), predict(x)))
     return {k: float(v) for k, v in spec.reduce_metrics(batches).items()}
 
@@ -379,6 +408,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: str, job, backend: backen
     backend.broadcast_variables(list(model.variables) + list(optimizer.variables))
     startup.lap("build")
 
+    data = _localize(config, data, backend.world_size, backend.rank)
     steps_per_epoch = len(shard(data.train_plan, backend.world_size, backend.rank, 0, config.run.seed,
                                 remainder=d.remainder, locality=d.locality)) // tiles_per_step
     if steps_per_epoch < 1:
@@ -419,7 +449,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: str, job, backend: backen
             steps = min(steps_per_epoch - begin, total_steps - position.step)
             tiles = shard(data.train_plan, backend.world_size, backend.rank, epoch, config.run.seed,
                           remainder=d.remainder, locality=d.locality).tiles
-            micro = _pipeline(config, data, tiles, batch, epoch, d.augment)
+            micro = _pipeline(config, data, tiles, batch, epoch, d.augment, spec, balanced=data.task == "classifier")
             iterator = iter(backend.distribute(
                 lambda: _chunks(micro, t.steps_per_execution, local, k, begin, steps)))
             epoch_start, epoch_losses = time.perf_counter(), []
@@ -483,6 +513,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: str, job, backend: backen
                 position = checkpoint.Position(position.step, epoch + 1, 0)
     if profiling:
         tf.profiler.experimental.stop()
+    if status == "completed" and not config.model.freeze_batchnorm:
+        _recalibrate(config, data, model, backend, batch)
     _checkpoint(run_dir, position, model, optimizer, digest, rank0, backend)
     if t.rank_weights:
         _write_rank_weights(run_dir, backend.rank, model)
@@ -497,6 +529,22 @@ def _train(config: TrainConfig, run_dir: Path, resume: str, job, backend: backen
         progress.write(f"cellavie train: {status} at step {position.step}; "
                        + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + "\n")
     return TrainResult(status, position.step, metrics, recorder.path, backend.rank, backend.world_size)
+
+
+def _recalibrate(config: TrainConfig, data: _Data, model, backend: backends.Backend, batch: int) -> None:
+    """BatchNorm moving statistics recomputed with the final weights (at most 32 batches of this rank's epoch-0 shard).
+
+    During training they trail the weights (an average over earlier steps), which hurts evaluation.
+    Each rank uses its own shard; `_checkpoint` then averages the statistics over the ranks, so every
+    rank ends with the same values. Frozen BatchNorm is left alone: training used those statistics.
+    """
+    from cellavie_hpc.data.sharding import shard
+    from cellavie_hpc.models.normalization import recalibrate_batchnorm
+
+    d = config.data
+    tiles = shard(data.train_plan, backend.world_size, backend.rank, 0, config.run.seed,
+                  remainder=d.remainder, locality=d.locality).tiles
+    recalibrate_batchnorm(model, (x for x, _ in _pipeline(config, data, tiles, batch, 0, False, None).take(32)))
 
 
 def _checkpoint(run_dir: Path, position, model, optimizer, digest: str, rank0: bool, backend) -> None:

@@ -226,12 +226,39 @@ def test_spec_options_shape_the_targets(ds):
         ({"dtype": "float64"}, "dtype must be one of"),
         ({"batch": 0}, "batch must be a positive integer"),
         ({"shard_tiles": np.array([[5, 0, 0]])}, "shard names images outside 0..1"),
+        ({"defocus_jitter_m": 5e-6}, "> 0 only for the refocus task"),
+        ({"task": "refocus", "defocus_jitter_m": -1e-6}, "must be a finite distance >= 0"),
     ],
 )
 def test_bad_arguments(ds, kwargs, message):
     args = dict(shard_tiles=np.array([[0, 0, 0]]), task="unet", batch=1, patch=P) | kwargs
     with pytest.raises(ConfigError, match=message):
         build_pipeline(ds, **args)
+
+
+def test_defocus_jitter_moves_field_and_focus_target_together(ds):
+    """A jittered input propagated back by its shift is the original input, and the focus target moved
+    by exactly that shift: the pair stays physically consistent."""
+    from cellavie_hpc.optics.propagation import propagate
+
+    head = model_spec("refocus", "tiny", P, 4, defocus_head=True)
+    tiles = task_plan(ds, "refocus", P).tiles[:4]
+    plain_x, plain_y = _all(build_pipeline(ds, tiles, "refocus", 4, P, spec=head))
+    # 1 um on a 32-px (8 um) tile: small enough that little light leaves the tile through its edges.
+    jitter_x, jitter_y = _all(build_pipeline(ds, tiles, "refocus", 4, P, spec=head, defocus_jitter_m=1e-6, seed=3))
+    again_x, _ = _all(build_pipeline(ds, tiles, "refocus", 4, P, spec=head, defocus_jitter_m=1e-6, seed=3))
+    np.testing.assert_array_equal(jitter_x, again_x)
+    np.testing.assert_allclose(plain_y["phase"], jitter_y["phase"])
+    shift_m = (plain_y["defocus_um"] - jitter_y["defocus_um"]).reshape(-1) * 1e-6
+    assert np.all(np.abs(shift_m) <= 1e-6 + 1e-9) and np.ptp(shift_m) > 1e-8
+    for k in range(len(tiles)):
+        planes = jitter_x[k, ..., 0::2] + 1j * jitter_x[k, ..., 1::2]
+        back = propagate(np.transpose(planes, (2, 0, 1)).astype(np.complex64), -float(shift_m[k]),
+                         ds.wavelength_m, ds.pixel_size_m, ds.medium_index, pad="edge").numpy()
+        original = np.transpose(plain_x[k, ..., 0::2] + 1j * plain_x[k, ..., 1::2], (2, 0, 1))
+        core = (slice(None), slice(8, -8), slice(8, -8))  # away from the edge padding
+        assert np.abs(back[core] - original[core]).mean() < 0.01 * np.abs(original).mean()
+        assert np.abs(back[core] - original[core]).max() < 0.05 * np.abs(original).mean()
 
 
 @settings(max_examples=80, deadline=None)

@@ -131,3 +131,31 @@ def test_huge_and_uneven_step_numbers_keep_the_slowest_rank_per_step(tmp_path):
     assert run["steps_measured"] == 6
     # Per step the slowest rank: 0.3 s for the four steps both ranks logged, then 0.1 s.
     assert run["step_time_median_s"] == pytest.approx(0.3) and run["step_time_p10_s"] == pytest.approx(0.1)
+
+
+def _startup_run(run_dir, rank, *, process_start=None, startup_total=None):
+    """One rank: header at T0, first step ending at T0 + 5 s, optional process start and final startup_s."""
+    extra = {} if process_start is None else {"process_start_unix": process_start}
+    end = rf.final(2, 16, 6.0)
+    if startup_total is not None:
+        end["startup_s"] = {"import": 3.0, "backend": 0.5, "data": 1.0, "build": 2.0, "first_step": 1.0,
+                            "total": startup_total}
+    rf.append_records(run_dir, rank, [rf.header(run_dir.name, rank, 2, warmup_steps=0, **extra)] + [
+        rf.step(s, wall_s=1.0, input_wait_s=0.0, compute_s=1.0, exchange_s=None, samples=8,
+                t_unix=rf.T0_UNIX + 5 + s) for s in range(2)] + [end])
+
+
+def test_time_to_first_step_prefers_startup_breakdown_then_process_start(tmp_path):
+    _startup_run(tmp_path / "header", 0)
+    _startup_run(tmp_path / "header", 1)
+    _startup_run(tmp_path / "process", 0, process_start=rf.T0_UNIX - 20)
+    _startup_run(tmp_path / "process", 1, process_start=rf.T0_UNIX - 30)  # the slowest rank
+    _startup_run(tmp_path / "startup", 0, process_start=rf.T0_UNIX - 20, startup_total=12.5)
+    _startup_run(tmp_path / "startup", 1, startup_total=7.5)
+    c = collect_runs([tmp_path], progress=False)
+    got = {name: (_run(c, name)["time_to_first_step_s"], _run(c, name)["startup_source"])
+           for name in ("header", "process", "startup")}
+    assert got == {"header": (5.0, "header"), "process": (35.0, "process_start"), "startup": (12.5, "startup_s")}
+    ranks = c.ranks.set_index(["run_dir", "rank"])
+    assert ranks.loc[("process", 0), "time_to_first_step_s"] == 25.0
+    assert ranks.loc[("startup", 1), ["time_to_first_step_s", "startup_source"]].tolist() == [7.5, "startup_s"]

@@ -36,10 +36,17 @@ def test_unknown_key_suggests_the_closest():
     ("train.backend=horovd", "backend"),
     ("train.precision=fp8", "precision"),
     ("train.xla=maybe", "xla"),
+    ("data.stage_budget_bytes=-1", "stage_budget_bytes"),
 ])
 def test_bad_value_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         tc.resolve(MINIMAL, [override])
+
+
+def test_tile_cache_and_in_memory_cache_exclude_each_other():
+    assert tc.resolve(MINIMAL, ["data.tile_cache=/dev/shm"]).data.tile_cache == "/dev/shm"
+    with pytest.raises(ConfigError, match="tile_cache.*null when cache is true"):
+        tc.resolve(MINIMAL, ["data.tile_cache=/dev/shm", "data.cache=true"])
 
 
 def test_backend_typo_gets_a_suggestion():
