@@ -514,7 +514,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: str, job, backend: backen
     if profiling:
         tf.profiler.experimental.stop()
     if status == "completed" and not config.model.freeze_batchnorm:
-        _recalibrate(config, data, model, backend, batch)
+        _recalibrate(config, data, model, spec, backend, batch)
     _checkpoint(run_dir, position, model, optimizer, digest, rank0, backend)
     if t.rank_weights:
         _write_rank_weights(run_dir, backend.rank, model)
@@ -531,7 +531,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: str, job, backend: backen
     return TrainResult(status, position.step, metrics, recorder.path, backend.rank, backend.world_size)
 
 
-def _recalibrate(config: TrainConfig, data: _Data, model, backend: backends.Backend, batch: int) -> None:
+def _recalibrate(config: TrainConfig, data: _Data, model, spec, backend: backends.Backend, batch: int) -> None:
     """BatchNorm moving statistics recomputed with the final weights (at most 32 batches of this rank's epoch-0 shard).
 
     During training they trail the weights (an average over earlier steps), which hurts evaluation.
@@ -544,7 +544,7 @@ def _recalibrate(config: TrainConfig, data: _Data, model, backend: backends.Back
     d = config.data
     tiles = shard(data.train_plan, backend.world_size, backend.rank, 0, config.run.seed,
                   remainder=d.remainder, locality=d.locality).tiles
-    recalibrate_batchnorm(model, (x for x, _ in _pipeline(config, data, tiles, batch, 0, False, None).take(32)))
+    recalibrate_batchnorm(model, (x for x, _ in _pipeline(config, data, tiles, batch, 0, False, spec).take(32)))
 
 
 def _checkpoint(run_dir: Path, position, model, optimizer, digest: str, rank0: bool, backend) -> None:
