@@ -91,24 +91,36 @@ def plot_scaling(table: pd.DataFrame, metric: str, title: str = "") -> plt.Figur
     return fig
 
 
+_SWEEP_KEYS = ("model", "backend", "precision", "xla", "patch", "batch_per_gpu", "world_size")
+#: Point fields that name or place a point rather than set an axis of the sweep.
+_NOT_AXES = ("id", "index", "repeat", "seed", "time_min", "tasks_per_node", "gpus_per_node", "nodes", "global_batch")
+
+
 def sweep_data(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     """`y` against `x` for the groups of points that differ only in `x` (empty when `x` never varies)."""
     if points.empty or x not in points:
         return pd.DataFrame(columns=["label", "x", "y", "y_min", "y_max"])
     frame = points.copy()
     frame["mem_peak_gib"] = frame["mem_peak_bytes_max"].astype(float) / float(1 << 30)
-    others = [k for k in ("model", "backend", "precision", "xla", "patch", "batch_per_gpu", "world_size")
-              if k in frame and k != x]
-    frame[others] = frame[others].astype(object).where(frame[others].notna(), "")
+    others = [k for k in _SWEEP_KEYS if k in frame and k != x]
+    # Any other sweep axis (pipeline, steps per execution, data-set size, study, ...) also splits the
+    # groups, so that points differing in it are never merged into one median.
+    axes = [c for c in frame if c.startswith("point.") and c[6:] not in (*_SWEEP_KEYS, *_NOT_AXES, x)]
+    keys = others + axes
+    frame[keys] = frame[keys].astype(object).where(frame[keys].notna(), "")
+    varying = [c for c in axes if frame[c].nunique() > 1]
     pieces = []
-    for _, group in frame.groupby(others, sort=True):
+    for _, group in frame.groupby(keys, sort=True):
         if group[x].nunique() < 2:
             continue
         agg = group.groupby(x).agg(y=(y, "median"),
                                    y_min=("throughput_min" if y == "throughput_samples_per_s" else y, "min"),
                                    y_max=("throughput_max" if y == "throughput_samples_per_s" else y, "max"))
         agg = agg.reset_index().rename(columns={x: "x"})
-        agg.insert(0, "label", series_label(group.iloc[0], tuple(others)) + (" GPUs" if "world_size" in others else ""))
+        first = group.iloc[0]
+        label = series_label(first, tuple(others)) + (" GPUs" if "world_size" in others else "")
+        label += "".join(f" {c[6:]}={first[c]}" for c in varying if first[c] != "")
+        agg.insert(0, "label", label)
         pieces.append(agg)
     if not pieces:
         return pd.DataFrame(columns=["label", "x", "y", "y_min", "y_max"])

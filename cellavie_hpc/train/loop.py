@@ -409,6 +409,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: str, job, backend: backen
     startup.lap("build")
 
     data = _localize(config, data, backend.world_size, backend.rank)
+    startup.lap("data")
     steps_per_epoch = len(shard(data.train_plan, backend.world_size, backend.rank, 0, config.run.seed,
                                 remainder=d.remainder, locality=d.locality)) // tiles_per_step
     if steps_per_epoch < 1:
@@ -449,7 +450,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: str, job, backend: backen
             steps = min(steps_per_epoch - begin, total_steps - position.step)
             tiles = shard(data.train_plan, backend.world_size, backend.rank, epoch, config.run.seed,
                           remainder=d.remainder, locality=d.locality).tiles
-            micro = _pipeline(config, data, tiles, batch, epoch, d.augment, spec, balanced=data.task == "classifier")
+            micro = _pipeline(config, data, tiles, batch, epoch, d.augment, spec,
+                              balanced=data.task == "classifier")
             iterator = iter(backend.distribute(
                 lambda: _chunks(micro, t.steps_per_execution, local, k, begin, steps)))
             epoch_start, epoch_losses = time.perf_counter(), []

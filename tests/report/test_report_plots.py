@@ -55,6 +55,17 @@ def test_sweep_and_breakdown_plots_draw_the_table(tmp_path):
     np.testing.assert_array_equal(y, table["y"])
     assert plots.sweep_data(points, "patch", "throughput_samples_per_s").empty  # patch never varies
 
+    # Another sweep axis (here the input pipeline) splits the curves instead of merging them into medians;
+    # a point's own id never does.
+    axis = pd.concat([points.assign(**{"point.pipeline": "serial"}), points.assign(**{"point.pipeline": "cached"})])
+    axis["point.id"] = [f"p{i}" for i in range(len(axis))]
+    axis.loc[axis["point.pipeline"] == "cached", "throughput_samples_per_s"] *= 2
+    split = plots.sweep_data(axis, "batch_per_gpu", "throughput_samples_per_s")
+    assert sorted(split["label"].unique()) == ["unet horovod p128 1 GPUs pipeline=cached",
+                                               "unet horovod p128 1 GPUs pipeline=serial"]
+    cached = split[split["label"].str.endswith("cached")]
+    assert cached["y"].tolist() == [100.0, 180.0, 240.0]
+
     neck = pd.DataFrame({"model": "unet", "backend": "horovod", "gpus": [1, 4], "batch_per_gpu": 8, "run_id": ["a", "b"],
                          "step_time_median_s": [0.1, 0.2], "input_wait_share": [0.1, 0.25],
                          "compute_share": [0.9, 0.5], "exchange_share": [0.0, 0.25], "other_share": [0.0, 0.0]})
