@@ -30,7 +30,7 @@ $(STAMP): setup.cfg tools/install.sh tools/build_horovod.sh
 	touch "$(STAMP)"
 
 test: $(STAMP)  ## run the whole test suite (Slurm/Horovod tests skip unless available; CI requires them)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: $(STAMP)  ## tests that need neither Slurm nor Horovod
 	$(PY) -m pytest -q -m "not slurm and not horovod and not slow"
