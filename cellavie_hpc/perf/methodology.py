@@ -6,12 +6,11 @@ mixed_bfloat16), XLA, input-pipeline settings (named `PIPELINES`) and steps per 
 axis changed (the reference value included, so each study is a complete curve). Alternatively the
 points of a sweep file (`jobs/single_gpu.yaml`) run as they are.
 
-How each point runs: a fresh subprocess (`python -m cellavie_hpc.perf.methodology CONFIG RUN_DIR`)
-calls the training engine's public `train()` on an ordinary training configuration, so the numbers
-are the engine's own per-rank records (`records/rank-00000.jsonl`) and the memory peak (RSS on a CPU,
-the allocator peak on a GPU) belongs to that point alone. TF32 is not a `train.precision`: the worker
-switches it on for `tf32` points and *off* for every other point, because TensorFlow enables it by
-default on Ampere and later GPUs, which would make `fp32` silently TF32.
+How each point runs: a fresh `cellavie train` process on an ordinary training configuration, so the
+numbers are the engine's own per-rank records (`records/rank-00000.jsonl`) and the memory peak (RSS on a
+CPU, the allocator peak on a GPU) belongs to that point alone. TF32 is not a `train.precision`: `tf32`
+points train as fp32 with `train.tf32: true`, every other point with TF32 *off*, because TensorFlow
+enables it by default on Ampere and later GPUs, which would make `fp32` silently TF32.
 
 Reading the results: `summarize` goes through `report.collect` (the same definitions as every
 report: warm-up steps excluded, throughput = measured samples / measured wall time, median and
@@ -93,7 +92,8 @@ class BenchPoint:
                      **PIPELINES[self.pipeline]},
             "model": {"name": self.model, "preset": self.preset},
             "train": {"backend": "single", "batch_per_replica": self.batch, "steps": self.steps,
-                      "precision": "fp32" if self.precision == "tf32" else self.precision, "xla": self.xla,
+                      "precision": "fp32" if self.precision == "tf32" else self.precision,
+                      "tf32": self.precision == "tf32", "xla": self.xla,
                       "steps_per_execution": self.steps_per_execution, "warmup_record_steps": self.warmup_steps,
                       "log_every": 1, "checkpoint_every": 0, "progress_every": 1000},
         }
@@ -164,15 +164,16 @@ class PointRun:
     error: str | None
 
 
-def run_point(config: dict[str, Any], run_dir: Path, tf32: bool, timeout_s: float = 1800,
+def run_point(config: dict[str, Any], run_dir: Path, timeout_s: float = 1800,
               env: dict[str, str] | None = None) -> PointRun:
-    """Train one configuration in a fresh process (its own memory peak, dtype policy and TF32 setting)."""
+    """Train one configuration with `cellavie train` in a fresh process (its own memory peak, dtype policy
+    and TF32 setting)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "bench-config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    command = [sys.executable, "-m", "cellavie_hpc.perf.methodology", str(config_path), str(run_dir),
-               "--tf32" if tf32 else "--no-tf32"]
+    command = [sys.executable, "-m", "cellavie_hpc", "train", str(config_path), "--run-dir", str(run_dir),
+               "--resume", "never"]
     environ = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"), **(env or {})}
     start = time.perf_counter()
     try:
@@ -183,16 +184,16 @@ def run_point(config: dict[str, Any], run_dir: Path, tf32: bool, timeout_s: floa
     return PointRun(config["run"]["name"], run_dir, code, time.perf_counter() - start, tail[0] if tail else None)
 
 
-def run_points(points: Iterable[tuple[dict[str, Any], bool]], runs_dir: Path, progress: bool = True,
+def run_points(points: Iterable[dict[str, Any]], runs_dir: Path, progress: bool = True,
                timeout_s: float = 1800) -> list[PointRun]:
-    """Run (configuration, tf32) pairs into `runs_dir/<run id>`; failures are kept (their records say why)."""
+    """Run training configurations into `runs_dir/<run id>`; failures are kept (their records say why)."""
     from cellavie_hpc.progress import Progress
 
     todo = list(points)
     done = []
     with Progress(len(todo), "bench", unit="points", enabled=progress, interval_s=1.0) as bar:
-        for config, tf32 in todo:
-            result = run_point(config, Path(runs_dir) / config["run"]["name"], tf32, timeout_s)
+        for config in todo:
+            result = run_point(config, Path(runs_dir) / config["run"]["name"], timeout_s)
             if result.returncode and progress:
                 sys.stderr.write(f"bench: {result.run_id} failed (exit {result.returncode}): {result.error}\n")
             done.append(result)
@@ -200,13 +201,13 @@ def run_points(points: Iterable[tuple[dict[str, Any], bool]], runs_dir: Path, pr
     return done
 
 
-def methodology_configs(method: Methodology, dataset: Path) -> list[tuple[dict[str, Any], bool]]:
-    return [(p.training_config(dataset), p.precision == "tf32") for p in method.points()]
+def methodology_configs(method: Methodology, dataset: Path) -> list[dict[str, Any]]:
+    return [p.training_config(dataset) for p in method.points()]
 
 
 def sweep_configs(sweep_file: str | Path, out: Path, scale: str | None = None, overrides: Sequence[str] = ()
-                  ) -> list[tuple[dict[str, Any], bool]]:
-    """The points of a sweep file as (configuration, tf32=False), its data set generated into OUT/dataset.
+                  ) -> list[dict[str, Any]]:
+    """The points of a sweep file as training configurations, its data set generated into OUT/dataset.
 
     Only single-device points are accepted: this is the one-device methodology, not a scaling study.
     """
@@ -230,7 +231,7 @@ def sweep_configs(sweep_file: str | Path, out: Path, scale: str | None = None, o
         if point.world_size != 1:
             raise ConfigError(f"{sweep_file}: point {point.id} uses {point.world_size} devices; "
                               "`cellavie bench` measures one device (use `cellavie sweep` for scaling studies)")
-    return [(config, False) for config in plan.configs]
+    return list(plan.configs)
 
 
 #: Columns of the bench table: (header, results column, format).
@@ -307,26 +308,3 @@ def run_bench(out: str | Path, *, sweep_file: str | Path | None = None, scale: s
             f"  {r.run_id}: exit {r.returncode} {r.error or ''}" for r in failed)
     (out / "bench.txt").write_text(table + "\n")
     return points, table, runs
-
-
-def _worker(argv: list[str]) -> int:
-    """Subprocess entry: TF32 on/off, then the engine's `train()` on CONFIG into RUN_DIR."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m cellavie_hpc.perf.methodology")
-    parser.add_argument("config")
-    parser.add_argument("run_dir")
-    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False)
-    args = parser.parse_args(argv)
-    import tensorflow as tf
-
-    from cellavie_hpc.train import config as train_config
-    from cellavie_hpc.train.loop import train
-
-    tf.config.experimental.enable_tensor_float_32_execution(args.tf32)
-    result = train(train_config.load(args.config), args.run_dir, resume="never", progress=None)
-    return result.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(_worker(sys.argv[1:]))

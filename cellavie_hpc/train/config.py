@@ -47,7 +47,9 @@ class DataSection:
     evaluation metrics written after training. `stage_dir` (a node-local folder such as `$TMPDIR` or
     /dev/shm; null reads in place) copies the files this rank reads there first, at most
     `stage_budget_bytes` per rank (null: free space only); `tile_cache` (a node-local folder; null: none)
-    pre-tiles this rank's windows into one file there (see docs/data_at_scale.rst).
+    pre-tiles this rank's windows into one file there (see docs/data_at_scale.rst). With `augment`, the
+    refocus model's inputs are also propagated by a random known distance of up to
+    `defocus_jitter_um` micrometres (its focus target moves with them).
     """
 
     dataset: str
@@ -61,6 +63,7 @@ class DataSection:
     prefetch: int = -1
     parallel_reads: int = -1
     augment: bool = False
+    defocus_jitter_um: float = 0.0
     max_images: int | None = None
     eval_images: int = 1
     stage_dir: str | None = None
@@ -79,6 +82,8 @@ class DataSection:
         _require(self.max_images is None or self.max_images >= 2, "max_images", self.max_images,
                  "null or >= 2 (at least one training and one evaluation image)")
         _require(self.eval_images >= 0, "eval_images", self.eval_images, "an integer >= 0")
+        _require(0 <= self.defocus_jitter_um < 1e6, "defocus_jitter_um", self.defocus_jitter_um,
+                 "a distance >= 0 in micrometres (0: no jitter)")
         _require(self.stage_budget_bytes is None or self.stage_budget_bytes >= 0, "stage_budget_bytes",
                  self.stage_budget_bytes, "null (free space only) or bytes >= 0")
         _require(self.tile_cache is None or not self.cache, "tile_cache", self.tile_cache,
@@ -151,7 +156,8 @@ class TrainSection:
     `rank_weights` writes every rank's final weights to RUN_DIR/weights/; `cpu_replicas` splits the
     CPU into logical devices for `mirrored` without GPUs; `port_base` is the first port of
     `multiworker` under Slurm; `*_op_threads` 0 leaves TF's choice; `horovod` tunes Horovod's exchange
-    (`HorovodSection`).
+    (`HorovodSection`). `tf32` allows TensorFloat-32 matmuls and convolutions on Ampere and later GPUs;
+    off by default so that `fp32` means IEEE float32 (TensorFlow itself turns TF32 on); no effect on CPUs.
     """
 
     backend: Literal["single", "mirrored", "multiworker", "horovod"] = "single"
@@ -164,6 +170,7 @@ class TrainSection:
     warmup_steps: int = 0
     optimizer: Literal["adam", "sgd", "lamb"] = "adam"
     precision: Literal["fp32", "mixed_float16", "mixed_bfloat16"] = "fp32"
+    tf32: bool = False
     xla: bool = False
     steps_per_execution: int = 1
     grad_accum: int = 1
@@ -212,6 +219,10 @@ class TrainConfig:
     model: ModelSection
     run: RunSection = dataclasses.field(default_factory=RunSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
+
+    def __post_init__(self) -> None:
+        _require(self.data.defocus_jitter_um == 0 or self.model.name == "refocus", "data.defocus_jitter_um",
+                 self.data.defocus_jitter_um, "0 unless model.name is refocus (only its inputs are defocused fields)")
 
     def per_replica_batch(self, replicas: int) -> int:
         """Tiles per replica per micro-batch: `batch_per_replica`, or `global_batch` split over `replicas`."""

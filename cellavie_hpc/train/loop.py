@@ -62,6 +62,7 @@ def configure_tensorflow(config: TrainConfig) -> None:
     if t.inter_op_threads:
         tf.config.threading.set_inter_op_parallelism_threads(t.inter_op_threads)
     keras.mixed_precision.set_dtype_policy({"fp32": "float32"}.get(t.precision, t.precision))
+    tf.config.experimental.enable_tensor_float_32_execution(t.tf32)
     if t.deterministic:
         tf.config.experimental.enable_op_determinism()
 
@@ -254,7 +255,8 @@ def _pipeline(config: TrainConfig, data: _Data, tiles: np.ndarray, batch: int, e
     d = config.data
     return build_pipeline(data.dataset, tiles, data.task, batch, d.patch, spec=spec, cache=d.cache,
                           shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch, parallel_reads=d.parallel_reads,
-                          augment=augment, seed=config.run.seed, epoch=epoch, balanced=balanced,
+                          augment=augment, defocus_jitter_m=d.defocus_jitter_um * 1e-6 if augment else 0.0,
+                          seed=config.run.seed, epoch=epoch, balanced=balanced,
                           drop_remainder=drop_remainder)
 
 

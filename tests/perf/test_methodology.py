@@ -31,6 +31,7 @@ def test_points_are_valid_training_configurations(tmp_path):
             point = m.BenchPoint(precision=precision, pipeline=pipeline, steps_per_execution=4, images=3)
             config = resolve(point.training_config(tmp_path))  # the engine's own validation
             assert config.train.precision == ("fp32" if precision == "tf32" else precision)
+            assert config.train.tf32 == (precision == "tf32")
             assert (config.data.cache, config.data.prefetch, config.data.parallel_reads) == tuple(settings.values())
             assert config.train.steps_per_execution == 4 and config.data.max_images == 3
             assert config.run.point["precision"] == precision and config.run.point["pipeline"] == pipeline
@@ -48,8 +49,8 @@ def test_bad_points_and_axes_are_refused():
 def test_the_single_gpu_sweep_file_runs_as_one_device_points(tmp_path):
     configs = m.sweep_configs(ROOT / "jobs" / "single_gpu.yaml", tmp_path, scale="smoke")
     assert len(configs) == 2 * 2 * 1 * 2 * 2  # batch x patch x precision x xla x repeats of the smoke scale
-    assert not any(tf32 for _, tf32 in configs)
-    assert {(c["train"]["batch_per_replica"], c["data"]["patch"], c["train"]["xla"]) for c, _ in configs} == {
+    assert not any(c["train"].get("tf32") for c in configs)
+    assert {(c["train"]["batch_per_replica"], c["data"]["patch"], c["train"]["xla"]) for c in configs} == {
         (b, p, x) for b in (2, 4) for p in (32, 64) for x in (False, True)}
     assert (tmp_path / "dataset" / "manifest.json").exists()
 

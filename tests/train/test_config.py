@@ -19,6 +19,11 @@ def test_defaults_and_overrides():
     assert tc.as_mapping(cfg)["train"]["profile_steps"] == [2, 5]
 
 
+def test_defocus_jitter_is_for_the_refocus_model():
+    cfg = tc.resolve({"data": {"dataset": "d", "defocus_jitter_um": 2.5}, "model": {"name": "refocus"}})
+    assert cfg.data.defocus_jitter_um == 2.5 and cfg.train.tf32 is False
+
+
 def test_unknown_key_suggests_the_closest():
     with pytest.raises(ConfigError, match=r"train\.yaml\.train: unknown key 'bach_per_replica' .*did you mean 'batch_per_replica'"):
         tc.resolve({**MINIMAL, "train": {"bach_per_replica": 4}}, where="train.yaml")
@@ -37,6 +42,9 @@ def test_unknown_key_suggests_the_closest():
     ("train.precision=fp8", "precision"),
     ("train.xla=maybe", "xla"),
     ("data.stage_budget_bytes=-1", "stage_budget_bytes"),
+    ("data.defocus_jitter_um=-2", "defocus_jitter_um"),
+    ("data.defocus_jitter_um=5", "data.defocus_jitter_um"),  # the U-Net's inputs are not defocused fields
+    ("train.tf32=2", "tf32"),
 ])
 def test_bad_value_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
