@@ -184,6 +184,9 @@ def _run_columns(header: dict[str, Any]) -> dict[str, Any]:
         value = _lookup(config, config_key)
         return point.get(point_key) if value is None else value
 
+    precision = pick("train.precision", "precision")
+    if precision == "fp32" and _lookup(config, "train.tf32"):
+        precision = "tf32"  # float32 storage, TF32 matmuls: its own row in every table
     world = int(header.get("world_size") or 0)
     nodes = int(header.get("nodes") or 1)
     versions = header.get("versions") or {}
@@ -191,7 +194,7 @@ def _run_columns(header: dict[str, Any]) -> dict[str, Any]:
     slurm = header.get("slurm") or {}
     return {
         "run_id": header.get("run_id"), "model": header.get("model"), "backend": header.get("backend"),
-        "precision": pick("train.precision", "precision"), "xla": pick("train.xla", "xla"),
+        "precision": precision, "xla": pick("train.xla", "xla"),
         "patch": pick("data.patch", "patch"), "world_size": world, "nodes": nodes,
         "gpus_per_node": world // nodes if nodes else None, "batch_per_gpu": header.get("per_replica_batch"),
         "global_batch": header.get("global_batch"), "samples_per_epoch": header.get("samples_per_epoch"),

@@ -159,3 +159,11 @@ def test_time_to_first_step_prefers_startup_breakdown_then_process_start(tmp_pat
     ranks = c.ranks.set_index(["run_dir", "rank"])
     assert ranks.loc[("process", 0), "time_to_first_step_s"] == 25.0
     assert ranks.loc[("startup", 1), ["time_to_first_step_s", "startup_source"]].tolist() == [7.5, "startup_s"]
+
+
+def test_tf32_runs_get_their_own_precision(tmp_path):
+    config = {"model": {"name": "unet"}, "train": {"precision": "fp32", "tf32": True, "xla": False}, "data": {"patch": 128}}
+    rf.write_run(tmp_path / "tf32", world_size=1, point={"precision": "tf32"}, config=config)
+    rf.write_run(tmp_path / "fp32", world_size=1)
+    runs = collect_runs([tmp_path], progress=False)
+    assert (_run(runs, "tf32")["precision"], _run(runs, "fp32")["precision"]) == ("tf32", "fp32")
