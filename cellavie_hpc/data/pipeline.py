@@ -83,7 +83,7 @@ def build_pipeline(
     Inputs (P = `patch`, A = illumination angles): `refocus` (P, P, 2A) defocused field (real, imag per
     angle); `unet`, `detector` (P, P, 1) in-focus phase; `classifier` (P, P, 1) phase crop centred on a
     cell (tiles from `task_plan`), `balanced=True` resampling crops (same count, so steps stay equal
-    across ranks) to equal classes. `shuffle_buffer=0` keeps the shard order (already a per-epoch
+    across ranks) to half healthy, half infected. `shuffle_buffer=0` keeps the shard order (already a per-epoch
     permutation); `prefetch`/`parallel_reads` of -1 mean AUTOTUNE. Augmentation (flips, 90-degree
     rotations, applied to inputs and truth rasters before the targets are made) is deterministic in
     (seed, epoch, position). `defocus_jitter_m` > 0 (refocus only) propagates each input field by a
@@ -315,9 +315,15 @@ def _defocus_jitterer(dataset, jitter_m: float, seed: int, epoch: int) -> Callab
 
 
 def _balanced_indices(labels: np.ndarray, seed: int, epoch: int, tiles: np.ndarray) -> np.ndarray:
-    """As many crops as given, drawn with replacement so each present class is equally likely."""
-    counts = np.bincount(labels, minlength=4).astype(np.float64)
-    weights = 1.0 / counts[labels]
+    """As many crops as given, drawn with replacement so healthy and infected crops are equally likely (stages
+    keep their natural shares among the infected).
+
+    Equal shares per stage drew the rarest stage (4 schizonts of ~900 crops) ~60 times per epoch each and overfit:
+    held-out specificity 0.84-0.88 at 300 steps on the d12 set vs 0.92-1.0 with the infected half (docs/models.rst).
+    """
+    infected = labels > 0
+    groups = np.array([np.count_nonzero(~infected), np.count_nonzero(infected)], np.float64)
+    weights = 1.0 / groups[infected.astype(np.int64)]
     sequence = np.random.SeedSequence([seed, epoch, zlib.crc32(tiles.tobytes())])
     rng = np.random.Generator(np.random.PCG64(sequence))
     return rng.choice(len(labels), size=len(labels), replace=True, p=weights / weights.sum())

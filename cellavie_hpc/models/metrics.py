@@ -69,6 +69,16 @@ def infection_counts(true_labels, pred_labels):
     return count(t & p), count(~t & p), count(~t & ~p), count(t & ~p)
 
 
+def infected_calls(stage_logits, threshold: float = 0.5):
+    """int32 (N,) 1 where P(infected) = 1 - P(healthy) >= threshold, from stage logits (N, 4) (healthy first).
+
+    Infection is the question a screen asks, and its probability is the sum over the three parasite stages; the
+    argmax over stages under-calls it (a cell at 0.40 healthy, 0.30 ring, 0.30 trophozoite is infected at 0.60).
+    """
+    probs = ops.softmax(ops.cast(stage_logits, "float32"), axis=-1)
+    return ops.cast(1.0 - probs[..., 0] >= threshold, "int32")
+
+
 def infection_rates(tp, fp, tn, fn) -> dict[str, float]:
     """Cell-level sensitivity, specificity and precision; NaN where the denominator is 0 (undefined, not 0)."""
     tp, fp, tn, fn = (float(v) for v in (tp, fp, tn, fn))

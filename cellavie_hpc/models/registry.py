@@ -315,8 +315,8 @@ def _classifier_spec(config: classifier.ClassifierConfig, patch: int) -> dict[st
 
     def batch_metrics(y_true, y_pred):
         labels = ops.cast(ops.reshape(y_true["label"], (-1,)), "int32")
-        predicted = ops.cast(ops.argmax(y_pred["logits"], axis=-1), "int32")
-        tp, fp, tn, fn = metrics.infection_counts(labels, predicted)
+        predicted = ops.cast(ops.argmax(y_pred["logits"], axis=-1), "int32")  # stage accuracy
+        tp, fp, tn, fn = metrics.infection_counts(labels, metrics.infected_calls(y_pred["logits"]))
         correct = ops.sum(ops.cast(ops.equal(labels, predicted), "float32"))
         n = ops.cast(ops.size(labels), "float32")
         return {"accuracy": correct / n, "sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp),

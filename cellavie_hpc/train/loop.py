@@ -260,6 +260,17 @@ def _pipeline(config: TrainConfig, data: _Data, tiles: np.ndarray, batch: int, e
                           drop_remainder=drop_remainder)
 
 
+def _training_pipeline(config: TrainConfig, data: _Data, tiles: np.ndarray, batch: int, epoch: int, augment: bool,
+                       spec):
+    """The batches training steps see: classifier crops resampled to balanced classes (infected cells are a few %).
+
+    BatchNorm recalibration must draw from this same distribution: the weights were fitted to features normalised
+    with its batch statistics, and statistics of natural (~95 % healthy) batches shift every crop towards
+    "infected" (held-out specificity 0.98 -> 0.51 in the d12 reproduction, docs/models.rst).
+    """
+    return _pipeline(config, data, tiles, batch, epoch, augment, spec, balanced=data.task == "classifier")
+
+
 def evaluate(model, spec, config: TrainConfig, data: _Data, batch: int) -> dict[str, float]:
     """Model metrics over the held-out tiles (all of them, in order, last partial batch included)."""
     import tensorflow as tf
@@ -452,8 +463,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: str, job, backend: backen
             steps = min(steps_per_epoch - begin, total_steps - position.step)
             tiles = shard(data.train_plan, backend.world_size, backend.rank, epoch, config.run.seed,
                           remainder=d.remainder, locality=d.locality).tiles
-            micro = _pipeline(config, data, tiles, batch, epoch, d.augment, spec,
-                              balanced=data.task == "classifier")
+            micro = _training_pipeline(config, data, tiles, batch, epoch, d.augment, spec)
             iterator = iter(backend.distribute(
                 lambda: _chunks(micro, t.steps_per_execution, local, k, begin, steps)))
             epoch_start, epoch_losses = time.perf_counter(), []
@@ -542,13 +552,20 @@ def _recalibrate(config: TrainConfig, data: _Data, model, spec, backend: backend
     Each rank uses its own shard; `_checkpoint` then averages the statistics over the ranks, so every
     rank ends with the same values. Frozen BatchNorm is left alone: training used those statistics.
     """
-    from cellavie_hpc.data.sharding import shard
     from cellavie_hpc.models.normalization import recalibrate_batchnorm
 
+    recalibrate_batchnorm(model, (x for x, _ in _recalibration_batches(config, data, spec, backend.world_size,
+                                                                       backend.rank, batch)))
+
+
+def _recalibration_batches(config: TrainConfig, data: _Data, spec, world_size: int, rank: int, batch: int):
+    """Up to 32 un-augmented training batches of this rank's epoch-0 shard, drawn like training's batches."""
+    from cellavie_hpc.data.sharding import shard
+
     d = config.data
-    tiles = shard(data.train_plan, backend.world_size, backend.rank, 0, config.run.seed,
-                  remainder=d.remainder, locality=d.locality).tiles
-    recalibrate_batchnorm(model, (x for x, _ in _pipeline(config, data, tiles, batch, 0, False, spec).take(32)))
+    tiles = shard(data.train_plan, world_size, rank, 0, config.run.seed, remainder=d.remainder,
+                  locality=d.locality).tiles
+    return _training_pipeline(config, data, tiles, batch, 0, False, spec).take(32)
 
 
 def _checkpoint(run_dir: Path, position, model, optimizer, digest: str, rank0: bool, backend) -> None:

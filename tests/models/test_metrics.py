@@ -63,3 +63,16 @@ def test_mean_average_precision_voc_hand_computed():
     assert none["map"] == 0.0
     with pytest.raises(ValueError, match="one of each per image"):
         metrics.mean_average_precision(detections[:1], truths, num_classes=2)
+
+
+def test_infected_calls_use_the_summed_stage_probability_not_the_argmax():
+    """Regression: the argmax over stages called a cell at 0.40 healthy / 0.30 ring / 0.30 trophozoite healthy."""
+    probs = np.array([[0.40, 0.30, 0.30, 0.0], [0.60, 0.40, 0.0, 0.0], [0.10, 0.0, 0.0, 0.90]]) + 1e-9
+    logits = np.log(probs).astype(np.float32)
+    assert np.argmax(probs, -1).tolist() == [0, 0, 3]
+    assert np_(metrics.infected_calls(logits)).tolist() == [1, 0, 1]
+    assert np_(metrics.infected_calls(logits, threshold=0.95)).tolist() == [0, 0, 0]
+    from cellavie_hpc.models.registry import model_spec
+    out = model_spec("classifier", "tiny", 16).metrics({"label": np.array([1, 0, 3])}, {"logits": logits})
+    assert [float(np_(out[k])) for k in ("tp_total", "fp_total", "tn_total", "fn_total")] == [2.0, 0.0, 1.0, 0.0]
+    assert float(np_(out["correct_total"])) == 2.0  # stage accuracy stays the argmax's

@@ -34,3 +34,25 @@ def test_inference_matches_batch_statistics_after_recalibration():
     assert np.abs(model(x, training=False)["logits"].numpy() - train_mode).max() > 1e-2
     recalibrate_batchnorm(model, [x])
     np.testing.assert_allclose(model(x, training=False)["logits"].numpy(), train_mode, atol=1e-3)
+
+
+def test_classifier_recalibrates_on_batches_drawn_like_its_training_batches(tmp_path):
+    """Regression: training drew class-balanced crops but recalibration drew natural (~95 % healthy) ones; the
+    statistics then shifted every held-out crop towards "infected" (specificity 0.98 -> 0.51)."""
+    from cellavie_hpc.data.pipeline import cell_labels
+    from cellavie_hpc.data.synthetic import generate_dataset
+    from cellavie_hpc.models.registry import model_spec
+    from cellavie_hpc.train import loop
+    from cellavie_hpc.train.config import resolve
+
+    generate_dataset(tmp_path / "ds", images=2, size=256, parasitemia=0.1, seed=4, workers=1, progress=False)
+    config = resolve({"run": {"name": "recal", "seed": 0},
+                      "data": {"dataset": str(tmp_path / "ds"), "patch": 16, "eval_images": 0},
+                      "model": {"name": "classifier", "preset": "tiny"},
+                      "train": {"backend": "single", "batch_per_replica": 8, "steps": 1}})
+    data = loop._prepare_data(config)
+    natural = np.mean(cell_labels(data.dataset, data.train_plan.tiles, 16) > 0)
+    spec = model_spec("classifier", "tiny", 16, 1)
+    labels = np.concatenate([y["label"].numpy() for _, y in loop._recalibration_batches(config, data, spec, 1, 0, 8)])
+    assert len(labels) == 8 * min(32, len(data.train_plan) // 8) and 0 < natural < 0.3
+    assert 0.35 < np.mean(labels > 0) < 0.65, f"infected share {np.mean(labels > 0):.2f}, natural {natural:.2f}"
