@@ -139,7 +139,8 @@ def plot_sweep(table: pd.DataFrame, x: str, y: str) -> plt.Figure:
         _log2(ax, "x")
         ax.set_xlabel(X_LABELS.get(x, x))
         ax.set_ylabel(Y_LABELS.get(y, y))
-        ax.set_title(f"{Y_LABELS.get(y, y).split(' (')[0]} vs {X_LABELS.get(x, x).split(' (')[0].lower()} (measured)")
+        x_name = X_LABELS.get(x, x).split(" (")[0]
+        ax.set_title(f"{Y_LABELS.get(y, y).split(' (')[0]} vs {x_name[:1].lower()}{x_name[1:]} (measured)")
         if not table.empty:
             ax.legend(loc="best")
     return fig
