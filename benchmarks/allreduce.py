@@ -25,6 +25,7 @@ import numpy as np
 
 from cellavie_hpc.launch import comm_probe
 from cellavie_hpc.report.comm_model import write_comm_fits
+from cellavie_hpc.train.environment import cpu_name, git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = "mpi4py/mpi"
@@ -44,16 +45,11 @@ def environment() -> dict[str, str]:
         except ImportError:
             return "not installed"
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True).stdout
     mpi = subprocess.run(["mpirun", "--version"], capture_output=True, text=True).stdout.splitlines()
     return {"python": platform.python_version(), "numpy": np.__version__, "tensorflow": version("tensorflow"),
             "horovod": version("horovod"), "mpi4py": version("mpi4py"), "mpi": mpi[0] if mpi else "?",
-            "cpu": cpu, "cores": str(os.cpu_count()), "load_avg_1m": f"{os.getloadavg()[0]:.2f}",
-            "git_commit": commit + ("+dirty" if dirty.strip() else "")}
+            "cpu": cpu_name(), "cores": str(os.cpu_count()), "load_avg_1m": f"{os.getloadavg()[0]:.2f}",
+            "git_commit": git_commit() or "?"}
 
 
 def _size(n: float) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import time
 
 import numpy as np
@@ -27,6 +26,7 @@ def main() -> None:
 
     from cellavie_hpc.data.synthetic import SyntheticParams, render_image
     from cellavie_hpc.optics.autofocus import autofocus_accuracy
+    from cellavie_hpc.train.environment import cpu_name, git_commit
 
     p = SyntheticParams(height=args.size, width=args.size, parasitemia=0.1, seed=args.seed)
     images = [render_image(p, i) for i in range(args.images)]
@@ -43,10 +43,9 @@ def main() -> None:
         dt = (time.perf_counter() - t0) / len(fields)
         print(f"{metric:<18} {coarse:>6} {fine:>4} {acc['mean_abs_error_um']:>8.3f} {acc['median_abs_error_um']:>9.3f} "
               f"{acc['max_abs_error_um']:>8.3f} {dt:>10.3f}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"\n{args.images} holograms {args.size}x{args.size}, |focus| in [10, 40] um, search -50..50 um; "
           f"python {platform.python_version()}, numpy {np.__version__}, tensorflow {tf.__version__}, "
-          f"cpu {platform.processor() or platform.machine()} x{os.cpu_count()}, commit {commit or '?'}")
+          f"cpu {cpu_name()} x{os.cpu_count()}, commit {git_commit() or '?'}")
 
 
 if __name__ == "__main__":

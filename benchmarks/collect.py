@@ -30,6 +30,7 @@ import numpy as np
 
 from cellavie_hpc.records.reader import read_rank_file_slow, read_rank_files
 from cellavie_hpc.records.schema import SCHEMA_VERSION, rank_file_name
+from cellavie_hpc.train.environment import cpu_name, git_commit
 
 FULL = (200, 256, 2000)
 STEP = ('{"kind":"step","step":%d,"epoch":%d,"t_unix":%.6f,"wall_s":%.6f,"input_wait_s":%.6f,"compute_s":%.6f,'
@@ -91,15 +92,9 @@ def _child(root: str) -> None:
 def _environment() -> str:
     import pyarrow
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = "?"
     return (f"python {platform.python_version()}, numpy {np.__version__}, pyarrow {pyarrow.__version__}; "
-            f"CPU {cpu} ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}); git {commit or '?'}")
+            f"CPU {cpu_name()} ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}); "
+            f"git {git_commit() or '?'}")
 
 
 def main() -> int:

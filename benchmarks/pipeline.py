@@ -15,7 +15,6 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,22 +29,10 @@ import tifffile  # noqa: E402
 def environment() -> str:
     import tensorflow as tf
 
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from cellavie_hpc.train.environment import cpu_name, git_commit
+
     return (f"python {platform.python_version()}, tensorflow {tf.__version__}, numpy {np.__version__}, "
-            f"tifffile {tifffile.__version__}; CPU {cpu} x{os.cpu_count()}; git {commit}")
+            f"tifffile {tifffile.__version__}; CPU {cpu_name()} x{os.cpu_count()}; git {git_commit() or 'unknown'}")
 
 
 def naive_rate(ds, tiles: np.ndarray, patch: int) -> tuple[float, int]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -21,16 +20,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _untrained_chain(root: Path) -> Path:
@@ -65,7 +54,7 @@ def main(argv=None) -> int:
     from cellavie_hpc.data.dataset import open_dataset
     from cellavie_hpc.data.synthetic import generate_dataset
     from cellavie_hpc.screen.chain import ScreenOptions, ScreeningChain
-    from cellavie_hpc.train.environment import git_commit, versions
+    from cellavie_hpc.train.environment import cpu_name, git_commit, versions
 
     with tempfile.TemporaryDirectory(prefix="cellavie-bench-screen-") as tmp:
         tmp = Path(tmp)
@@ -103,7 +92,7 @@ def main(argv=None) -> int:
         else:
             print("no GPU available: the Keras JAX back-end GPU measurement was not run")
         v = versions()
-        print("environment: " + ", ".join(f"{k} {v[k]}" for k in v) + f"; cpu {_cpu_name()} x{os.cpu_count()}; "
+        print("environment: " + ", ".join(f"{k} {v[k]}" for k in v) + f"; cpu {cpu_name()} x{os.cpu_count()}; "
               f"git {git_commit()}; keras backend {os.environ.get('KERAS_BACKEND', 'tensorflow')}; "
               f"python {sys.version.split()[0]}")
     return 0

@@ -121,7 +121,7 @@ def engine_rate(dataset: Path, model_name: str, preset: str, patch: int, batch: 
 def environment_line() -> str:
     import keras
 
-    from cellavie_hpc.perf.portable import cpu_name, device
+    from cellavie_hpc.perf.portable import device
 
     versions = f"python {platform.python_version()}, keras {keras.__version__} ({keras.backend.backend()}"
     if keras.backend.backend() == "tensorflow":
@@ -132,7 +132,7 @@ def environment_line() -> str:
         import jax
 
         versions += f" {jax.__version__}"
-    from cellavie_hpc.train.environment import git_commit  # no TensorFlow needed for the commit
+    from cellavie_hpc.train.environment import cpu_name, git_commit  # no TensorFlow needed for either
 
     return (f"{versions}), numpy {np.__version__}; CPU {cpu_name()} x{os.cpu_count()}; device {device()['name']}; "
             f"git {git_commit() or 'unknown'}; load average {os.getloadavg()[0]:.1f}")

@@ -20,7 +20,6 @@ the throughput/memory vs batch and patch curves from it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys

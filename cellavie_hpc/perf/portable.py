@@ -17,7 +17,6 @@ utilisation) compares like with like on this device.
 from __future__ import annotations
 
 import dataclasses
-import platform
 import resource
 import statistics
 import sys
@@ -26,6 +25,8 @@ from typing import Any, Callable, Sequence
 
 import keras
 import numpy as np
+
+from cellavie_hpc.train.environment import cpu_name
 
 PRECISIONS = ("fp32", "tf32", "mixed_float16", "mixed_bfloat16")
 #: Compute dtype of each precision (what the matmul peak probe multiplies in).
@@ -86,17 +87,6 @@ def device() -> dict[str, Any]:
             return {"kind": "gpu", "name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
                     "backend": name}
     return cpu
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def peak_memory() -> tuple[int, str]:

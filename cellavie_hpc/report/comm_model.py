@@ -60,7 +60,6 @@ def allreduce_time_s(message_bytes: Any, world_size: Any, alpha_s: float, inv_ba
 def _robust_fit(a: np.ndarray, t: np.ndarray, iterations: int = 30) -> np.ndarray:
     """Non-negative [alpha, beta] minimising Huber's loss of the relative residuals (IRLS)."""
     scaled = a / t[:, None]
-    ones = np.ones_like(t)
     w = np.ones_like(t)
     coef = np.zeros(a.shape[1])
     for _ in range(iterations):

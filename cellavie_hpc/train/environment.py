@@ -53,6 +53,18 @@ def git_commit(path: Path = _PACKAGE_DIR) -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
 
 
+def cpu_name() -> str:
+    """The CPU model (`/proc/cpuinfo`), else what `platform` knows: benchmarks and headers name the processor."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device() -> dict[str, Any]:
     """`{kind, name, count}` of the accelerators this process sees (the CPU when there is no GPU)."""
     import tensorflow as tf
@@ -61,7 +73,7 @@ def device() -> dict[str, Any]:
     if gpus:
         details = tf.config.experimental.get_device_details(gpus[0])
         return {"kind": "gpu", "name": details.get("device_name", gpus[0].name), "count": len(gpus)}
-    return {"kind": "cpu", "name": platform.processor() or platform.machine(), "count": 1}
+    return {"kind": "cpu", "name": cpu_name(), "count": 1}
 
 
 def peak_memory() -> tuple[int, str]:
