@@ -17,7 +17,6 @@ share of step time (`measure_exchange`) and, for Horovod, the timeline's fusion 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from allreduce import environment  # noqa: E402  (benchmarks/allreduce.py: versions, CPU, git commit)
 
+from cellavie_hpc.launch import job_env  # noqa: E402
 from cellavie_hpc.report.collect import collect  # noqa: E402
 from cellavie_hpc.report.timeline import TIMELINE_FILE, summarize_run  # noqa: E402
 
@@ -67,9 +67,8 @@ def commands(launcher: str, config: Path, run_dir: Path, overrides: list[str], p
     if launcher == "mpirun":
         return [(["mpirun", "-np", "2", "--bind-to", "none", "-x", "TF_CPP_MIN_LOG_LEVEL", "-x", "OMP_NUM_THREADS",
                   *train], {})]
-    cluster = {"worker": [f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"]}
-    return [(train, {"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": r}})})
-            for r in range(2)]
+    workers = [f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"]
+    return [(train, {"TF_CONFIG": job_env.tf_config(workers, r)}) for r in range(2)]
 
 
 def run(launcher: str, config: Path, run_dir: Path, overrides: list[str], port: int) -> float:

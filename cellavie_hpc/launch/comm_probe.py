@@ -341,9 +341,7 @@ def local_commands(engine: str, launcher: str, run_dir: str | Path, nproc: int =
                  {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})]
     if launcher == "tf_config":
         workers = [f"127.0.0.1:{port}" for port in _free_ports(nproc)]
-        return [(probe, {"TF_CONFIG": json.dumps({"cluster": {"worker": workers},
-                                                  "task": {"type": "worker", "index": rank}})})
-                for rank in range(nproc)]
+        return [(probe, {"TF_CONFIG": job_env.tf_config(workers, rank)}) for rank in range(nproc)]
     raise UserError(f"local launcher {launcher!r}: expected one of {', '.join(LOCAL_LAUNCHERS)}")
 
 

@@ -10,7 +10,7 @@ import json
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,12 @@ def expand_hostlist(hostlist: str) -> list[str]:
             width = len(lo)
             hosts.extend(f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi) + 1))
     return hosts
+
+
+def tf_config(workers: Sequence[str], rank: int) -> str:
+    """The `TF_CONFIG` value that makes this process worker `rank` of `workers` ("host:port" each): what
+    `detect` reads back, for launchers that start TensorFlow workers without Slurm."""
+    return json.dumps({"cluster": {"worker": list(workers)}, "task": {"type": "worker", "index": int(rank)}})
 
 
 def detect(env: Mapping[str, str] | None = None) -> JobEnvironment:

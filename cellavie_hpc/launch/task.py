@@ -27,6 +27,7 @@ from typing import Any
 
 import submitit
 
+from cellavie_hpc.launch import job_env
 from cellavie_hpc.train.signals import PREEMPTED_EXIT, STOP_SIGNALS
 
 #: What the training process is sent to stop: one of its stop signals that srun and mpirun forward to ranks.
@@ -46,8 +47,7 @@ def port_base(job_id: str | int) -> int:
 
 def tf_config(rank: int, ranks: int, base: int, host: str = "localhost") -> str:
     """TF_CONFIG of rank `rank` among `ranks` workers on one host (the local executor's cluster)."""
-    workers = [f"{host}:{base + i}" for i in range(ranks)]
-    return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": rank}})
+    return job_env.tf_config([f"{host}:{base + i}" for i in range(ranks)], rank)
 
 
 def train_argv(python: list[str], config: str, run_dir: str, overrides: list[str] = ()) -> list[str]:

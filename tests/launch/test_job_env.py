@@ -1,7 +1,7 @@
 """Rank and world size as each launcher announces them, and rank 0 of 1 outside any launcher."""
 import json
 
-from cellavie_hpc.launch.job_env import detect, expand_hostlist
+from cellavie_hpc.launch.job_env import detect, expand_hostlist, tf_config
 
 
 def test_outside_any_launcher_is_rank_zero_of_one():
@@ -49,3 +49,9 @@ def test_horovodrun_and_tf_config():
 def test_hostlist_expansion_keeps_zero_padding():
     assert expand_hostlist("n[008-011]") == ["n008", "n009", "n010", "n011"]
     assert expand_hostlist("a,b[1,3-4]c") == ["a", "b1c", "b3c", "b4c"]
+
+
+def test_tf_config_written_for_a_worker_reads_back_as_its_rank():
+    value = tf_config(["a:1", "a:2", "b:1"], 2)
+    env = detect({"TF_CONFIG": value})
+    assert (env.rank, env.world_size, env.nodes, env.node_rank) == (2, 3, 2, 1)
