@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from cellavie_hpc.launch.job_env import free_ports
 
 try:  # tests/ is on sys.path under pytest's default "prepend" import mode
     from _requirements import require_horovod, require_mpirun
@@ -334,22 +335,11 @@ def test_horovod_desynchronisation_is_detected(tmp_path, horovod_available):
         assert "out of sync" in info["sync_error"], info
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def test_multiworker_mirrored_strategy_identical_weights(tmp_path):
     worker = _write_worker(tmp_path, "mwms_train.py", _MWMS_TRAIN)
-    cluster = {"worker": [f"localhost:{p}" for p in _free_ports(NPROC)]}
+    cluster = {"worker": [f"localhost:{p}" for p in free_ports(NPROC)]}
     envs = [_env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
             for i in range(NPROC)]
     _launch([[sys.executable, str(worker), str(tmp_path)] for _ in range(NPROC)], envs, cwd=tmp_path)

@@ -19,7 +19,6 @@ import math
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -308,16 +307,6 @@ def fit_run(run: CommRun, algorithm: str = "ring", repeats: int = 200):
 LOCAL_LAUNCHERS = ("horovodrun", "mpirun", "tf_config")
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
 def local_commands(engine: str, launcher: str, run_dir: str | Path, nproc: int = 2,
                    probe_args: list[str] | tuple[str, ...] = ()) -> list[tuple[list[str], dict[str, str]]]:
     """(argv, extra environment) of the processes that run the probe with `nproc` ranks on this host.
@@ -340,7 +329,7 @@ def local_commands(engine: str, launcher: str, run_dir: str | Path, nproc: int =
                   "--mca", "oob_tcp_if_include", "lo", *probe],
                  {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})]
     if launcher == "tf_config":
-        workers = [f"127.0.0.1:{port}" for port in _free_ports(nproc)]
+        workers = [f"127.0.0.1:{port}" for port in job_env.free_ports(nproc)]
         return [(probe, {"TF_CONFIG": job_env.tf_config(workers, rank)}) for rank in range(nproc)]
     raise UserError(f"local launcher {launcher!r}: expected one of {', '.join(LOCAL_LAUNCHERS)}")
 

@@ -77,6 +77,20 @@ def expand_hostlist(hostlist: str) -> list[str]:
     return hosts
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct TCP ports free on `host` now: the addresses of a local TF_CONFIG cluster."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def tf_config(workers: Sequence[str], rank: int) -> str:
     """The `TF_CONFIG` value that makes this process worker `rank` of `workers` ("host:port" each): what
     `detect` reads back, for launchers that start TensorFlow workers without Slurm."""

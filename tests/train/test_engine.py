@@ -12,11 +12,12 @@ import time
 
 import numpy as np
 import pytest
-from train_helpers import (env, free_ports, max_difference, records, run_train, train_command, weights,
+from train_helpers import (env, max_difference, records, run_train, train_command, weights,
                            write_config)
 
 from _requirements import require_horovod
 
+from cellavie_hpc.launch.job_env import free_ports
 from cellavie_hpc.report.timeline import summarize_run
 
 #: Equivalence checks need a loss that is a mean of per-sample terms (the refocus MSE; Dice or a focal loss
