@@ -3,6 +3,7 @@
     cellavie screen DATASET --models MODELS_DIR --out OUT [--refocus physics|cnn] [--evaluate]
     cellavie screen --samples-from FILE --models MODELS_DIR --out OUT    (Slurm array: one line per task)
     cellavie screen --train-chain DATASET --models MODELS_DIR [--networks classifier,unet,detector]
+    cellavie screen VALIDATION --models MODELS_DIR --out OUT --calibrate [--target-sensitivity S]
 
 Several ranks (srun -n N, mpirun) over one sample split its images; the last rank to finish writes
 the combined table and summary. The array task id and the rank come from the job environment.
@@ -22,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="autofocus + angular-spectrum propagation, or the refocusing network")
     parser.add_argument("--evaluate", action="store_true",
                         help="compare with the ground truth: sensitivity, specificity, false positives per million")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="DATASET is a validation sample with ground truth: screen it, choose the infected "
+                             "threshold (OUT/calibration.*) and store it in MODELS_DIR/chain.json")
+    parser.add_argument("--target-sensitivity", type=float, default=None,
+                        help="with --calibrate: the validation sensitivity to keep (default: every infected cell "
+                             "the chain detects)")
     parser.add_argument("--overlays", choices=("infected", "all", "none"), default="infected",
                         help="PNG overlays of images with infected cells, of every image, or none")
     parser.add_argument("--threshold", type=float, default=None,
@@ -103,13 +110,27 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give exactly one of DATASET or --samples-from FILE")
     dataset = args.dataset or _sample_for_task(args.samples_from)
     out = Path(args.out) if args.dataset else Path(args.out) / Path(dataset).name
-    result = screen_sample(dataset, args.models, out, options, evaluate=args.evaluate, overlays=args.overlays,
+    if args.calibrate and args.samples_from:
+        raise UserError("--calibrate screens one validation sample given as DATASET, not --samples-from")
+    result = screen_sample(dataset, args.models, out, options, evaluate=args.evaluate or args.calibrate,
+                           overlays=args.overlays,
                            infected_threshold=args.threshold, ci_method=args.ci_method, max_images=args.max_images,
                            progress=progress)
     if result.get("partial"):
         print(f"{out}: rank {result['rank']} screened {len(result['images'])} images ({result['cells']} cells); "
               "the last rank to finish writes the summary")
         return 0
+    if args.calibrate:
+        from cellavie_hpc.data.dataset import open_dataset
+        from cellavie_hpc.screen.calibrate import calibrate, truth_of
+
+        truth = truth_of(open_dataset(dataset), args.max_images)
+        choice = calibrate(out, truth, args.models, args.target_sensitivity, dataset=str(Path(dataset).resolve()))
+        print(f"{args.models}: infected threshold {choice['threshold']:.4g} (validation: sensitivity "
+              f"{choice['sensitivity']:.4f} = {choice['tp']}/{choice['infected_cells']}, 95% CI "
+              f"{choice['sensitivity_ci95'][0]:.3f}-{choice['sensitivity_ci95'][1]:.3f}; "
+              f"{choice['fp_per_million_healthy']:.0f} false positives per million healthy cells); "
+              f"curve in {out}/calibration.png")
     ci = result["parasitaemia_ci"]
     estimate = result["parasitaemia"]
     print(f"{out}: {result['cells_screened']} cells screened, {result['infected_found']} infected; parasitaemia "

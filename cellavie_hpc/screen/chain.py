@@ -204,21 +204,69 @@ def crops_around(image: np.ndarray, cy: np.ndarray, cx: np.ndarray, crop: int) -
     return image[rows[:, :, None], cols[:, None, :]]
 
 
-def components(mask: np.ndarray, min_area_px: int, max_area_px: int) -> dict[str, np.ndarray]:
-    """Cells as connected regions of a foreground mask: boxes (y0, x0, y1, x1 end-exclusive), centroids, areas."""
+def components(mask: np.ndarray, min_area_px: int, max_area_px: int, split_distance_px: int = 0,
+               border_min_area_px: int | None = None) -> dict[str, np.ndarray]:
+    """Cells as connected regions of a foreground mask: boxes (y0, x0, y1, x1 end-exclusive), centroids, areas.
+
+    Touching cells are split (`split_cells`, `split_distance_px` > 0). A region that touches the image
+    border is a cell cut by the field of view and is kept from `border_min_area_px` pixels on (default:
+    `min_area_px`), so a cell mostly outside the picture is still classified.
+    """
     from scipy import ndimage
 
-    labels, n = ndimage.label(ndimage.binary_fill_holes(mask))
+    labels, n = split_cells(mask, split_distance_px)
     if n == 0:
         return _empty_cells()
     index = np.arange(1, n + 1)
     area = ndimage.sum_labels(np.ones_like(labels), labels, index)
-    centres = np.asarray(ndimage.center_of_mass(mask, labels, index), np.float64).reshape(-1, 2)
-    slices = ndimage.find_objects(labels)
-    boxes = np.array([[s[0].start, s[1].start, s[0].stop, s[1].stop] for s in slices], np.float64)
-    keep = (area >= min_area_px) & (area <= max_area_px)
+    centres = np.asarray(ndimage.center_of_mass(labels > 0, labels, index), np.float64).reshape(-1, 2)
+    boxes = np.array([[s[0].start, s[1].start, s[0].stop, s[1].stop] for s in ndimage.find_objects(labels)],
+                     np.float64)
+    h, w = mask.shape
+    on_border = (boxes[:, 0] == 0) | (boxes[:, 1] == 0) | (boxes[:, 2] == h) | (boxes[:, 3] == w)
+    low = np.where(on_border, min_area_px if border_min_area_px is None else border_min_area_px, min_area_px)
+    keep = (area >= low) & (area <= max_area_px)
     return {"cy": centres[keep, 0], "cx": centres[keep, 1], "box": boxes[keep], "area_px": area[keep].astype(np.int64),
             "detector_score": np.ones(int(keep.sum()))}
+
+
+def cells_from_mask(mask: np.ndarray, spec: ChainSpec) -> dict[str, np.ndarray]:
+    """`components` with the chain's size limits and splitting: screening and the classifier's training crops."""
+    return components(mask, spec.min_area_px, spec.max_area_px, spec.split_distance_px, spec.border_min_area_px)
+
+
+def split_cells(mask: np.ndarray, split_distance_px: int, large_factor: float = 1.15) -> tuple[np.ndarray, int]:
+    """(labels (H, W) int32, count) of the filled regions of `mask`, touching cells split at their neck.
+
+    About 5 % of the cells of a smear touch a neighbour; as one region their centroid falls between
+    them and the classifier's crop shows neither (two infected cells of the 40-image sample were lost
+    that way). A region larger than `large_factor` x the median region is split when its distance
+    transform has several maxima at least `split_distance_px` apart (about 2/3 of a cell radius) and
+    0.8 x that deep: each pixel goes to the nearest maximum (the Voronoi cut is the neck between two
+    round cells). Only large regions are transformed, so this costs ~10 % of a whole-image transform.
+    """
+    from scipy import ndimage
+
+    labels, n = ndimage.label(ndimage.binary_fill_holes(mask))
+    if split_distance_px <= 0 or n == 0:
+        return labels, n
+    area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    objects = ndimage.find_objects(labels)
+    count = n
+    for label in np.flatnonzero(area > large_factor * np.median(area)) + 1:
+        window = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in objects[label - 1])
+        own = labels[window] == label
+        depth = ndimage.distance_transform_edt(own)
+        peaks = (depth == ndimage.maximum_filter(depth, size=2 * split_distance_px + 1)) & (
+            depth >= 0.8 * split_distance_px)
+        markers, m = ndimage.label(ndimage.binary_dilation(peaks, iterations=2) & own)
+        if m < 2:
+            continue
+        nearest = ndimage.distance_transform_edt(markers == 0, return_distances=False, return_indices=True)
+        owner = markers[nearest[0], nearest[1]]
+        labels[window][own] = np.where(owner == 1, label, count + owner - 1)[own]
+        count += m - 1
+    return labels, count
 
 
 def _empty_cells() -> dict[str, np.ndarray]:
@@ -409,7 +457,7 @@ class ScreeningChain:
         """Cells: components of the mask, or detector boxes merged across tiles and checked against the mask."""
         spec, o = self.spec, self.options
         if spec.detection == "components":
-            return components(mask, spec.min_area_px, spec.max_area_px)
+            return cells_from_mask(mask, spec)
         h, w = phase.shape
         origins = tile_origins(h, w, o.tile, o.overlap)
         det = self._batched("detector", extract_tiles(phase[..., None], origins, o.tile), o.batch)

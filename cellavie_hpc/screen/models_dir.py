@@ -38,7 +38,9 @@ class ChainSpec:
     """What the screening chain runs and with which thresholds.
 
     threshold_rad: foreground phase for `segmentation="threshold"`; min_area_px / max_area_px: cell
-    size limits (pixels) for `components`; detector_score: heatmap score a detection must reach;
+    size limits (pixels) for `components`; split_distance_px: touching cells whose centres are at least
+    this far apart are split (0: never; about 2/3 of a cell radius); border_min_area_px: the smallest
+    part of a cell cut by the image border that is still a cell; detector_score: heatmap score a detection must reach;
     infected_threshold: 1 - P(healthy) above which a cell is called infected; provenance: how the networks
     were trained (data set, run folders, held-out metrics).
     """
@@ -51,6 +53,8 @@ class ChainSpec:
     threshold_rad: float = 0.5
     min_area_px: int = 150
     max_area_px: int = 4000
+    split_distance_px: int = 10
+    border_min_area_px: int = 80
     detector_score: float = 0.3
     infected_threshold: float = 0.5
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -64,6 +68,9 @@ class ChainSpec:
             raise UserError("chain segmentation 'unet' needs a unet network entry")
         if self.detection == "detector" and self.detector is None:
             raise UserError("chain detection 'detector' needs a detector network entry")
+        if self.split_distance_px < 0 or not 0 < self.border_min_area_px <= self.max_area_px:
+            raise UserError(f"split_distance_px must be >= 0 and border_min_area_px in (0, max_area_px], got "
+                            f"{self.split_distance_px} and {self.border_min_area_px}")
         if not 0 < self.infected_threshold < 1:
             raise UserError(f"infected_threshold must be in (0, 1), got {self.infected_threshold}")
 
@@ -79,9 +86,18 @@ def save_chain(models_dir: str | Path, spec: ChainSpec, models: dict[str, Any]) 
         if name not in models:
             raise ValueError(f"the chain lists a {name} network but no model was given for it")
         models[name].save(root / entry.file)
+    return save_spec(root, spec)
+
+
+def save_spec(models_dir: str | Path, spec: ChainSpec) -> Path:
+    """Write MODELS_DIR/chain.json (atomically: a screen starting meanwhile reads the old or the new one)."""
+    import os
+
+    path = Path(models_dir) / CHAIN_FILE
     doc = {"format": CHAIN_FORMAT, "version": CHAIN_VERSION, **dataclasses.asdict(spec)}
-    path = root / CHAIN_FILE
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp = path.with_name(f".{CHAIN_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
     return path
 
 

@@ -22,13 +22,13 @@ import numpy as np
 from cellavie_hpc.errors import UserError
 from cellavie_hpc.progress import Progress
 from cellavie_hpc.screen.chain import STAGES, ImageResult, ScreenOptions, ScreeningChain
-from cellavie_hpc.screen.evaluate import COUNT_KEYS, combine, evaluate_image
+from cellavie_hpc.screen.evaluate import COUNT_KEYS, combine, evaluate_image, match_detections
 from cellavie_hpc.screen.summary import sample_summary
 
 OVERLAY_MODES = ("infected", "all", "none")
 COLUMNS = ("sample", "image", "image_index", "cell", "cy", "cx", "y0", "x0", "y1", "x1", "area_px",
            "detector_score", "p_infected", "infected", "stage", "p_healthy", "p_ring", "p_trophozoite",
-           "p_schizont", "focus_distance_m")
+           "p_schizont", "focus_distance_m")   # with --evaluate also true_cell: the true cell id (0: background)
 
 
 def rank_images(n_images: int, world_size: int, rank: int) -> np.ndarray:
@@ -128,6 +128,7 @@ def screen_sample(dataset_path: str | Path, models_dir: str | Path, out: str | P
                 instance = ds.read_truth_patch(result.image_index, 0, 0, info.height, info.width)["instance"]
                 counts = evaluate_image(ds.cells(result.image_index), instance, table["cy"], table["cx"],
                                         table["infected"])
+                table["true_cell"] = match_detections(table["cy"], table["cx"], instance)
                 counts["image"] = result.image_id
                 per_image_eval.append(counts)
             t1 = time.perf_counter()
@@ -148,7 +149,8 @@ def screen_sample(dataset_path: str | Path, models_dir: str | Path, out: str | P
             bar.update()
         bar.close()
         wall_s = time.perf_counter() - start
-        frame = pd.DataFrame({k: np.concatenate([t[k] for t in tables]) if tables else np.empty(0) for k in COLUMNS})
+        columns = COLUMNS + (("true_cell",) if evaluate else ())
+        frame = pd.DataFrame({k: np.concatenate([t[k] for t in tables]) if tables else np.empty(0) for k in columns})
         part_stem = out / "parts" / f"rank-{job.rank:05d}"
         _write_table(frame, part_stem)
         part = {"rank": job.rank, "world_size": job.world_size, "images": [int(i) for i in mine],

@@ -38,14 +38,15 @@ REFOCUSED_FORMAT = "cellavie-chain-crops"
 def chain_cells(phase: np.ndarray, instance: np.ndarray, truth_cells: list[dict], spec: ChainSpec) -> list[dict]:
     """The cells the chain finds in a refocused `phase` (H, W) rad, as a data-set cell list labelled by ground truth.
 
-    Cells are the connected components of phase > `spec.threshold_rad` (what `ScreeningChain.detect` does
-    without a detector); each takes the stage of the true cell whose `instance` raster holds its centre
-    (`evaluate.match_detections`, as the evaluation counts it), `true_cell` 0 and healthy on background.
+    Cells are the connected components of phase > `spec.threshold_rad`, touching cells split (what
+    `ScreeningChain.detect` does without a detector: `chain.cells_from_mask`); each takes the stage of the
+    true cell whose `instance` raster holds its centre (`evaluate.match_detections`, as the evaluation
+    counts it), `true_cell` 0 and healthy on background.
     """
-    from cellavie_hpc.screen.chain import components
+    from cellavie_hpc.screen.chain import cells_from_mask
     from cellavie_hpc.screen.evaluate import match_detections
 
-    found = components(phase > spec.threshold_rad, spec.min_area_px, spec.max_area_px)
+    found = cells_from_mask(phase > spec.threshold_rad, spec)
     true_ids = match_detections(found["cy"], found["cx"], instance)
     stage_of = {int(c["id"]): c["stage"] for c in truth_cells}
     cells = []
@@ -66,7 +67,8 @@ def _chain_view_code() -> str:
 
     from cellavie_hpc.screen import chain
 
-    parts = [chain.physics_refocus, chain.flatten_background, chain.background_plane, chain.components, chain_cells]
+    parts = [chain.physics_refocus, chain.flatten_background, chain.background_plane, chain.components,
+             chain.split_cells, chain.cells_from_mask, chain_cells]
     return hashlib.sha256("".join(inspect.getsource(f) for f in parts).encode()).hexdigest()[:16]
 
 
@@ -91,7 +93,8 @@ def refocused_dataset(source: str | Path, out: str | Path, spec: ChainSpec | Non
     out = Path(out)
     made_by = {"format": REFOCUSED_FORMAT, "source": str(Path(source).resolve()), "code": _chain_view_code(),
                "options": json.loads(json.dumps(dataclasses.asdict(options))),
-               "chain": {k: getattr(spec, k) for k in ("threshold_rad", "min_area_px", "max_area_px")}}
+               "chain": {k: getattr(spec, k) for k in ("threshold_rad", "min_area_px", "max_area_px",
+                                                        "split_distance_px", "border_min_area_px")}}
     manifest_path = out / "manifest.json"
     if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("derived") == made_by:
         return out

@@ -8,8 +8,8 @@ import pytest
 from cellavie_hpc.errors import DataError, UserError
 from cellavie_hpc.launch.job_env import JobEnvironment
 from cellavie_hpc.records.schema import validate
-from cellavie_hpc.screen.chain import (ScreenOptions, ScreeningChain, extract_tiles, flatten_background,
-                                       stitch_tiles, tile_origins)
+from cellavie_hpc.screen.chain import (ScreenOptions, ScreeningChain, components, extract_tiles,
+                                       flatten_background, split_cells, stitch_tiles, tile_origins)
 from cellavie_hpc.screen.models_dir import load_spec
 from cellavie_hpc.screen.run import rank_images, screen_sample
 
@@ -23,6 +23,33 @@ def test_flatten_background_removes_offset_and_tilt():
     field = np.exp(1j * (obj + background)) + 0.005 * rng.standard_normal((256, 256))
     phase = flatten_background(field)
     assert np.abs(phase - obj).max() < 0.05
+
+
+def _discs(shape, centres, radius):
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return np.any([(yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2 for cy, cx in centres], axis=0)
+
+
+def test_touching_cells_are_split_at_their_neck_and_single_cells_are_not():
+    # a touching pair (centres 26 px apart, radius 15: overlapping by 4 px), three isolated cells
+    centres = [(60, 60), (60, 86), (150, 60), (150, 150), (60, 160)]
+    mask = _discs((220, 220), centres, 15)
+    labels, n = split_cells(mask, split_distance_px=10)
+    assert n == 5
+    found = components(mask, 150, 4000, split_distance_px=10)
+    got = sorted(zip(np.round(found["cy"]).tolist(), np.round(found["cx"]).tolist()))
+    for (ty, tx), (gy, gx) in zip(sorted(centres), got):
+        assert abs(ty - gy) <= 1.5 and abs(tx - gx) <= 1.5
+    # without splitting the pair is one region centred between the two cells: the bug this fixes
+    merged = components(mask, 150, 4000, split_distance_px=0)
+    assert len(merged["cy"]) == 4 and np.any(np.isclose(merged["cx"], 73, atol=1) & np.isclose(merged["cy"], 60, atol=1))
+
+
+def test_cells_cut_by_the_image_border_are_kept_from_their_own_minimum_area():
+    mask = _discs((120, 120), [(60, -9), (60, 60)], 15)        # ~110 px of the first cell are visible
+    kept = components(mask, 150, 4000, border_min_area_px=80)
+    assert len(kept["cy"]) == 2 and kept["area_px"].min() < 150
+    assert len(components(mask, 150, 4000)["cy"]) == 1            # default: the same minimum everywhere
 
 
 def test_tiles_cover_the_image_and_stitch_back_exactly():

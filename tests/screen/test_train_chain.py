@@ -49,7 +49,8 @@ def test_refocused_crops_are_centred_on_true_cells_with_their_labels(sample_dir,
         expected = np.array([stage_label(truth[c["true_cell"]]["stage"]) if c["true_cell"] else 0 for c in cells])
         np.testing.assert_array_equal(labels[row:row + len(cells)][centred], expected[centred])
         assert {c["stage"] for c in cells if c["true_cell"]} == {truth[c["true_cell"]]["stage"] for c in on_cell}
-        # isolated cells (found once, whole inside the image): crop centre within 2 px of the true centre
+        # isolated cells (found once, whole inside the image; cut cells at the border are kept too, ~25 %):
+        # crop centre within 2 px of the true centre
         whole = [c for c in on_cell if sum(d["true_cell"] == c["true_cell"] for d in on_cell) == 1
                  and 2 <= truth[c["true_cell"]]["cy"] - truth[c["true_cell"]]["radius_px"]
                  and truth[c["true_cell"]]["cy"] + truth[c["true_cell"]]["radius_px"] <= 509
@@ -57,7 +58,7 @@ def test_refocused_crops_are_centred_on_true_cells_with_their_labels(sample_dir,
                  and truth[c["true_cell"]]["cx"] + truth[c["true_cell"]]["radius_px"] <= 509]
         offsets = np.array([np.hypot(c["cy"] - truth[c["true_cell"]]["cy"], c["cx"] - truth[c["true_cell"]]["cx"])
                             for c in whole])
-        assert len(whole) >= 0.8 * len(on_cell) and np.quantile(offsets, 0.95) <= 2.0, np.sort(offsets)[-10:]
+        assert len(whole) >= 0.7 * len(on_cell) and np.quantile(offsets, 0.95) <= 2.0, np.sort(offsets)[-10:]
         infected_true = {k for k, c in truth.items() if c["infected"]}
         assert {c["true_cell"] for c in cells if c["infected"]} <= infected_true
         row += len(cells)
