@@ -34,33 +34,48 @@ _EPS = 1e-6
 
 @dataclasses.dataclass(frozen=True)
 class CellScores:
-    """Per-true-cell best P(infected): `infected` (N_i,) and `healthy` (N_h,) (NaN = never detected),
-    and `spurious` (N_s,): detections on background."""
+    """Best P(infected) per true cell: `infected` (N_i,) for the infected cells the images own (NaN = never
+    detected), `healthy` for every detected healthy cell, owned or not (a false alarm either way),
+    `spurious` for detections on background; `healthy_cells`: the healthy cells the images own."""
     infected: np.ndarray
     healthy: np.ndarray
     spurious: np.ndarray
+    healthy_cells: int
 
 
-def truth_of(ds, n_images: int | None = None) -> dict[str, dict[int, bool]]:
-    """Ground truth of the first `n_images` images of a data set: image id -> true cell id -> infected."""
+def truth_of(ds, n_images: int | None = None) -> dict[str, dict[int, tuple[bool, bool]]]:
+    """Ground truth of the first `n_images` images: image id -> true cell id -> (infected, owned by the image)
+    (`evaluate.owned_cells`: the screen answers for the cells whose centre is in the picture)."""
+    from cellavie_hpc.screen.evaluate import owned_cells
+
     images = ds.images if n_images is None else ds.images[:n_images]
-    return {info.id: {int(c["id"]): bool(c["infected"]) for c in ds.cells(i)} for i, info in enumerate(images)}
+    truth = {}
+    for i, info in enumerate(images):
+        cells = ds.cells(i)
+        own = owned_cells(cells, (info.height, info.width))
+        truth[info.id] = {int(c["id"]): (bool(c["infected"]), int(c["id"]) in own) for c in cells}
+    return truth
 
 
-def cell_scores(cells: pd.DataFrame, truth: dict[str, dict[int, bool]]) -> CellScores:
+def cell_scores(cells: pd.DataFrame, truth: dict[str, dict[int, tuple[bool, bool]]]) -> CellScores:
     """Best score of every true cell from an evaluated cell table (columns image, true_cell, p_infected)
-    and the ground truth (image -> true cell id -> infected)."""
+    and the ground truth (`truth_of`)."""
     missing = sorted(set(cells["image"]) - set(truth))
     if missing:
         raise UserError(f"cells of images {missing[:5]} have no ground truth; calibrate on the sample they came from")
-    on_cell = cells[cells["true_cell"] > 0]
-    best = on_cell.groupby(["image", "true_cell"])["p_infected"].max()
-    infected, healthy = [], []
+    best = cells[cells["true_cell"] > 0].groupby(["image", "true_cell"])["p_infected"].max()
+    infected, healthy, healthy_cells = [], [], 0
     for image, ids in truth.items():
-        for cell_id, is_infected in ids.items():
-            (infected if is_infected else healthy).append(best.get((image, cell_id), np.nan))
+        for cell_id, (is_infected, owned) in ids.items():
+            score = best.get((image, cell_id), np.nan)
+            if is_infected and owned:
+                infected.append(score)
+            elif not is_infected:
+                healthy_cells += owned
+                if not np.isnan(score):
+                    healthy.append(score)
     return CellScores(np.asarray(infected, np.float64), np.asarray(healthy, np.float64),
-                      cells.loc[cells["true_cell"] == 0, "p_infected"].to_numpy(np.float64))
+                      cells.loc[cells["true_cell"] == 0, "p_infected"].to_numpy(np.float64), healthy_cells)
 
 
 def operating_curve(scores: CellScores) -> pd.DataFrame:
@@ -68,12 +83,12 @@ def operating_curve(scores: CellScores) -> pd.DataFrame:
 
     Columns: threshold, tp, fn, fp, sensitivity, fp_per_million_healthy.
     """
-    n_infected, n_healthy = len(scores.infected), len(scores.healthy)
+    n_infected, n_healthy = len(scores.infected), scores.healthy_cells
     if n_infected == 0 or n_healthy == 0:
         raise UserError(f"calibration needs infected and healthy cells in the validation sample, got {n_infected} "
                         f"infected and {n_healthy} healthy; generate one with --parasitemia 0.05")
     positives = np.sort(scores.infected[~np.isnan(scores.infected)])
-    negatives = np.sort(np.concatenate([scores.healthy[~np.isnan(scores.healthy)], scores.spurious]))
+    negatives = np.sort(np.concatenate([scores.healthy, scores.spurious]))
     thresholds = np.unique(np.concatenate([positives, negatives]))[::-1]
     tp = len(positives) - np.searchsorted(positives, thresholds, side="left")
     fp = len(negatives) - np.searchsorted(negatives, thresholds, side="left")
@@ -89,7 +104,7 @@ def _logit(p: float) -> float:
 def choose_threshold(scores: CellScores, target_sensitivity: float | None = None) -> dict:
     """The calibrated threshold and its validation figures (see the module docstring for the rule)."""
     curve = operating_curve(scores)
-    n_infected, n_healthy = len(scores.infected), len(scores.healthy)
+    n_infected, n_healthy = len(scores.infected), scores.healthy_cells
     reachable = float(curve["sensitivity"].max())
     target = reachable if target_sensitivity is None else float(target_sensitivity)
     if not 0 < target <= 1:
@@ -100,7 +115,7 @@ def choose_threshold(scores: CellScores, target_sensitivity: float | None = None
                         "lower the target or leave it out")
     row = curve[curve["sensitivity"] >= target - 1e-12].iloc[0]
     keep = float(row["threshold"])
-    negatives = np.concatenate([scores.healthy[~np.isnan(scores.healthy)], scores.spurious])
+    negatives = np.concatenate([scores.healthy, scores.spurious])
     below = negatives[negatives < keep]
     low = float(below.max()) if below.size else 0.0
     threshold = 1 / (1 + np.exp(-(_logit(keep) + _logit(low)) / 2)) if below.size else keep / 2

@@ -40,7 +40,8 @@ class ChainSpec:
     threshold_rad: foreground phase for `segmentation="threshold"`; min_area_px / max_area_px: cell
     size limits (pixels) for `components`; split_distance_px: touching cells whose centres are at least
     this far apart are split (0: never; about 2/3 of a cell radius); border_min_area_px: the smallest
-    part of a cell cut by the image border that is still a cell; detector_score: heatmap score a detection must reach;
+    visible part of a cell cut by the image border that is reported (half a cell: the cells centred
+    in the picture; `train_chain.cell_geometry` sets both from the training cells); detector_score: heatmap score a detection must reach;
     infected_threshold: 1 - P(healthy) above which a cell is called infected; provenance: how the networks
     were trained (data set, run folders, held-out metrics).
     """
@@ -54,7 +55,7 @@ class ChainSpec:
     min_area_px: int = 150
     max_area_px: int = 4000
     split_distance_px: int = 10
-    border_min_area_px: int = 80
+    border_min_area_px: int = 350
     detector_score: float = 0.3
     infected_threshold: float = 0.5
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)

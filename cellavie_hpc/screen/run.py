@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TextIO
 
@@ -113,6 +114,7 @@ def screen_sample(dataset_path: str | Path, models_dir: str | Path, out: str | P
     tables, per_image_eval, seconds = [], [], {s: 0.0 for s in (*STAGES, "write", "evaluate")}
     cells_total = 0
     start = time.perf_counter()
+    painter, drawing = ThreadPoolExecutor(1, thread_name_prefix="screen-overlay"), []
     try:
         bar = Progress(len(mine), f"screen {sample} rank {job.rank}", enabled=progress is not None,
                        stream=progress, unit="img")
@@ -133,12 +135,9 @@ def screen_sample(dataset_path: str | Path, models_dir: str | Path, out: str | P
                 per_image_eval.append(counts)
             t1 = time.perf_counter()
             if overlays == "all" or (overlays == "infected" and table["infected"].any()):
-                from cellavie_hpc.screen.overlay import write_overlay
-                write_overlay(out / "overlays" / f"{result.image_id}.png", result.phase, result.cells,
-                              f"{sample} {result.image_id}")
-            t2 = time.perf_counter()
+                drawing.append(painter.submit(_timed_overlay, out / "overlays" / f"{result.image_id}.png",
+                                              result.phase, result.cells, f"{sample} {result.image_id}"))
             seconds["evaluate"] += t1 - t0
-            seconds["write"] += t2 - t1
             now = time.perf_counter()
             cells_total += result.n_cells
             recorder.step(step, 0, wall_s=now - last, input_wait_s=result.wait_s,
@@ -147,6 +146,7 @@ def screen_sample(dataset_path: str | Path, models_dir: str | Path, out: str | P
                           mem_peak_bytes=environment.peak_memory()[0], mem_source=environment.peak_memory()[1])
             last = now
             bar.update()
+        seconds["write"] += sum(f.result() for f in drawing)
         bar.close()
         wall_s = time.perf_counter() - start
         columns = COLUMNS + (("true_cell",) if evaluate else ())
@@ -166,6 +166,7 @@ def screen_sample(dataset_path: str | Path, models_dir: str | Path, out: str | P
         recorder.final("failed", recorder.steps, recorder.samples, {}, error=f"{type(err).__name__}: {err}")
         raise
     finally:
+        painter.shutdown(wait=True)
         recorder.close()
     if progress is not None:
         progress.write(throughput_line(f"screen {sample} rank {job.rank}", cells_total, len(mine), wall_s, seconds)
@@ -176,11 +177,20 @@ def screen_sample(dataset_path: str | Path, models_dir: str | Path, out: str | P
     return combine_parts(out, sample, n_images, job.world_size, confidence, ci_method)
 
 
+def _timed_overlay(path: Path, phase: np.ndarray, cells: dict[str, np.ndarray], title: str) -> float:
+    """Draw one overlay (in the overlay thread, so PNG encoding overlaps the networks); return its seconds."""
+    from cellavie_hpc.screen.overlay import write_overlay
+
+    t0 = time.perf_counter()
+    write_overlay(path, phase, cells, title)
+    return time.perf_counter() - t0
+
+
 def throughput_line(label: str, cells: int, images: int, wall_s: float, seconds: dict[str, float]) -> str:
     """`label: N cells, M images in T s: X cells/s, Y images/s; stage seconds read a, refocus b, ...`.
 
-    Stage seconds are busy time per stage; read and refocus overlap the network stages, so they may
-    add up to more than the wall time.
+    Stage seconds are busy time per stage; read, refocus and write (the overlay PNGs) run in their own
+    threads beside the network stages, so they may add up to more than the wall time.
     """
     rate = cells / wall_s if wall_s > 0 else float("nan")
     stages = ", ".join(f"{k} {v:.2f}" for k, v in seconds.items())

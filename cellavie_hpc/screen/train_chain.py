@@ -130,6 +130,18 @@ def refocused_dataset(source: str | Path, out: str | Path, spec: ChainSpec | Non
     return out
 
 
+def cell_geometry(ds) -> dict[str, int]:
+    """The chain's size rules from the training cells' median radius r (pixels): touching cells are split
+    when their centres are 2/3 r apart or more; a cell cut by the image border is reported when at least
+    half of it is visible, i.e. when its centre is in the picture (`evaluate.owned_cells`: a sliver of a
+    cell centred outside belongs to the neighbouring field, and slivers made half the false positives)."""
+    radii = [c["radius_px"] for i in range(len(ds.images)) for c in ds.cells(i)]
+    if not radii:
+        raise UserError(f"{ds.root}: the training data set lists no cells")
+    r = float(np.median(radii))
+    return {"split_distance_px": max(1, round(2 * r / 3)), "border_min_area_px": round(np.pi * r * r / 2)}
+
+
 def network_config(name: str, dataset: str | Path, steps: int, preset: str = "tiny", seed: int = 0,
                    learning_rate: float = 2e-3) -> dict:
     """The training configuration (engine schema) of one chain network."""
@@ -169,7 +181,8 @@ def train_chain(dataset: str | Path, models_dir: str | Path, work_dir: str | Pat
     angles = open_dataset(dataset).angles
     steps = {**DEFAULT_STEPS, **(steps or {})}
     entries, models, provenance = {}, {}, {}
-    defaults = ChainSpec(classifier=NetworkEntry(name="classifier", file="classifier.keras"))
+    geometry = cell_geometry(open_dataset(dataset))
+    defaults = ChainSpec(classifier=NetworkEntry(name="classifier", file="classifier.keras"), **geometry)
     for name in wanted:
         source = dataset
         if name == "classifier" and crops == "refocused":
@@ -190,6 +203,7 @@ def train_chain(dataset: str | Path, models_dir: str | Path, work_dir: str | Pat
     spec = ChainSpec(classifier=entries["classifier"], unet=entries.get("unet"), detector=entries.get("detector"),
                      refocus=entries.get("refocus"), segmentation="unet" if "unet" in entries else "threshold",
                      detection="detector" if "detector" in entries else "components",
-                     infected_threshold=infected_threshold, provenance={"dataset": str(dataset), "classifier_crops": crops, **provenance})
+                     infected_threshold=infected_threshold, **geometry,
+                     provenance={"dataset": str(dataset), "classifier_crops": crops, **provenance})
     save_chain(models_dir, spec, models)
     return spec

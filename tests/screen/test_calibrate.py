@@ -11,9 +11,9 @@ from cellavie_hpc.screen.calibrate import CellScores, cell_scores, choose_thresh
 
 
 def _scores():
-    # 5 infected cells (one never detected), 6 healthy, 2 detections on background
+    # 5 infected cells (one never detected), 6 healthy (5 detected), 2 detections on background
     return CellScores(infected=np.array([0.95, 0.8, 0.6, 0.3, np.nan]),
-                      healthy=np.array([0.01, 0.02, 0.2, 0.4, 0.7, np.nan]), spurious=np.array([0.05, 0.9]))
+                      healthy=np.array([0.01, 0.02, 0.2, 0.4, 0.7]), spurious=np.array([0.05, 0.9]), healthy_cells=6)
 
 
 def test_operating_curve_counts_cells_at_every_threshold():
@@ -42,12 +42,15 @@ def test_threshold_keeps_every_detected_infected_cell_midway_to_the_next_healthy
 
 
 def test_scores_come_from_the_best_detection_of_each_true_cell():
-    cells = pd.DataFrame({"image": ["a", "a", "a", "b", "b"], "true_cell": [1, 1, 0, 2, 3],
-                          "p_infected": [0.2, 0.7, 0.4, 0.1, 0.9]})
-    truth = {"a": {1: True, 5: False}, "b": {2: False, 3: True, 4: True}}
+    cells = pd.DataFrame({"image": ["a", "a", "a", "b", "b", "b"], "true_cell": [1, 1, 0, 2, 3, 6],
+                          "p_infected": [0.2, 0.7, 0.4, 0.1, 0.9, 0.8]})
+    # (infected, owned): cell 6 is healthy but centred outside image b (still a false alarm when called);
+    # cell 7 infected outside b (not asked of the screen)
+    truth = {"a": {1: (True, True), 5: (False, True)},
+             "b": {2: (False, True), 3: (True, True), 4: (True, True), 6: (False, False), 7: (True, False)}}
     s = cell_scores(cells, truth)
     assert sorted(np.nan_to_num(s.infected, nan=-1).tolist()) == [-1, 0.7, 0.9]
-    assert sorted(np.nan_to_num(s.healthy, nan=-1).tolist()) == [-1, 0.1] and s.spurious.tolist() == [0.4]
+    assert sorted(s.healthy.tolist()) == [0.1, 0.8] and s.spurious.tolist() == [0.4] and s.healthy_cells == 2
     with pytest.raises(UserError, match="no ground truth"):
         cell_scores(cells, {"a": truth["a"]})
 
@@ -82,4 +85,4 @@ def _infected(sample_dir, image):
 
     ds = open_dataset(sample_dir)
     index = [info.id for info in ds.images].index(image)
-    return {c["id"] for c in ds.cells(index) if c["infected"]}
+    return {c["id"] for c in ds.cells(index) if c["infected"] and 0 <= c["cy"] < 512 and 0 <= c["cx"] < 512}

@@ -12,8 +12,10 @@ def _truth():
     instance[10:30, 60:80] = 2      # infected (ring)
     instance[60:80, 10:30] = 3      # healthy
     instance[60:80, 60:80] = 4      # infected (schizont), never detected
-    cells = [{"id": 1, "infected": False, "stage": "healthy"}, {"id": 2, "infected": True, "stage": "ring"},
-             {"id": 3, "infected": False, "stage": "healthy"}, {"id": 4, "infected": True, "stage": "schizont"}]
+    cells = [{"id": 1, "infected": False, "stage": "healthy", "cy": 19.5, "cx": 19.5},
+             {"id": 2, "infected": True, "stage": "ring", "cy": 19.5, "cx": 69.5},
+             {"id": 3, "infected": False, "stage": "healthy", "cy": 69.5, "cx": 19.5},
+             {"id": 4, "infected": True, "stage": "schizont", "cy": 69.5, "cx": 69.5}]
     return instance, cells
 
 
@@ -34,6 +36,7 @@ def test_counts_tp_fn_fp_duplicates_spurious():
     assert {k: c[k] for k in ("cells", "infected", "healthy", "detected", "duplicates", "spurious", "tp", "fn",
                               "fp", "tn")} == {"cells": 4, "infected": 2, "healthy": 2, "detected": 3,
                                                "duplicates": 1, "spurious": 1, "tp": 1, "fn": 1, "fp": 2, "tn": 1}
+    assert c["edge_cells"] == 0
     assert c["missed_infected"] == [{"id": 4, "stage": "schizont", "detected": False}]
     assert [f["detection"] for f in c["false_positives"]] == [0, 4]
     total = combine([c, c])
@@ -47,3 +50,17 @@ def test_rates_are_nan_without_infected_cells():
     healthy_only = [dict(c, infected=False, stage="healthy") for c in cells]
     c = evaluate_image(healthy_only, instance, np.array([20.0]), np.array([20.0]), np.array([False]))
     assert math.isnan(combine([c])["sensitivity"]) and combine([c])["specificity"] == 1.0
+
+
+def test_cells_centred_outside_the_field_are_not_counted_but_their_false_alarms_are():
+    instance = np.zeros((100, 100), np.int32)
+    instance[0:6, 40:60] = 1        # infected, centred at y = -8: a sliver, the neighbouring field's cell
+    instance[94:100, 10:30] = 2     # healthy, centred at y = 107
+    instance[40:60, 40:60] = 3      # infected, inside
+    cells = [{"id": 1, "infected": True, "stage": "ring", "cy": -8.0, "cx": 50.0},
+             {"id": 2, "infected": False, "stage": "healthy", "cy": 107.0, "cx": 20.0},
+             {"id": 3, "infected": True, "stage": "ring", "cy": 50.0, "cx": 50.0}]
+    # the sliver of cell 1 is not detected (no false negative); the healthy sliver 2 is called infected (fp)
+    c = evaluate_image(cells, instance, np.array([50.0, 97.0]), np.array([50.0, 20.0]), np.array([True, True]))
+    assert (c["cells"], c["infected"], c["healthy"], c["edge_cells"]) == (1, 1, 0, 2)
+    assert (c["tp"], c["fn"], c["fp"], c["detected"]) == (1, 0, 1, 1)

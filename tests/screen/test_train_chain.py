@@ -73,6 +73,17 @@ def test_refocused_dataset_is_reused_and_rebuilt_when_the_options_change(sample_
     assert manifest["counts"]["cells"] == sum(e["cells"] for e in manifest["images"])
 
 
+def test_size_rules_follow_the_training_cells(sample_dir):
+    from cellavie_hpc.data.dataset import open_dataset
+    from cellavie_hpc.screen.train_chain import cell_geometry
+
+    ds = open_dataset(sample_dir)
+    r = float(np.median([c["radius_px"] for i in range(len(ds.images)) for c in ds.cells(i)]))
+    geometry = cell_geometry(ds)
+    assert 13 < r < 18                      # 7.8 um cells at 0.25 um per pixel
+    assert geometry == {"split_distance_px": round(2 * r / 3), "border_min_area_px": round(np.pi * r * r / 2)}
+
+
 def test_unknown_crop_source_is_named(sample_dir, tmp_path):
     with pytest.raises(UserError, match="classifier crops must be one of"):
         train_chain(sample_dir, tmp_path / "m", tmp_path / "w", crops="clean", progress=None)
