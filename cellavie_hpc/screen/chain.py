@@ -43,7 +43,10 @@ class ScreenOptions:
     tile / overlap: network tile size and overlap in pixels (overlap >= the largest cell diameter, so
     every cell is whole in some tile); batch: tiles per network call; crop_batch: cells per classifier
     call; prefetch: images read and refocused ahead (0: strictly one after the other); z_range_m /
-    coarse_steps / fine_steps / autofocus_crop: the autofocus search; pad: FFT padding of the refocus;
+    coarse_steps / fine_steps / autofocus_crop: the autofocus search; pad: FFT padding of the refocus
+    (edge: without it, light wraps around the periodic FFT and cells near the border get 0.1-0.4 rad of
+    phase error, which the classifier took for parasites: every false positive of the validation sample
+    was within 64 px of the border);
     xla: XLA-compile the network functions (None: only when a GPU is visible - on CPU, XLA's convolutions
     measured ~4x slower than TensorFlow's oneDNN kernels for these networks).
     """
@@ -56,7 +59,7 @@ class ScreenOptions:
     precision: str = "fp32"
     xla: bool | None = None
     compiled: bool = True
-    pad: str = "none"
+    pad: str = "edge"
     z_range_m: tuple[float, float] = (-60e-6, 60e-6)
     coarse_steps: int = 25
     fine_steps: int = 9

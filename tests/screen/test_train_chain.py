@@ -1,5 +1,6 @@
 """The classifier's training crops come from the chain's own refocused phase, aligned and labelled by ground truth."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -69,8 +70,13 @@ def test_refocused_dataset_is_reused_and_rebuilt_when_the_options_change(sample_
     stamp = (refocused / "truth" / "img-00000.tif").stat().st_mtime_ns
     assert refocused_dataset(sample_dir, refocused, progress=None) == refocused
     assert (refocused / "truth" / "img-00000.tif").stat().st_mtime_ns == stamp
-    assert manifest["derived"]["options"]["pad"] == "none"
+    assert manifest["derived"]["options"]["pad"] == "edge"
     assert manifest["counts"]["cells"] == sum(e["cells"] for e in manifest["images"])
+    other = refocused.parent / "refocused-copy"
+    shutil.copytree(refocused, other, symlinks=True)
+    refocused_dataset(sample_dir, other, options=ScreenOptions(pad="none"), progress=None)
+    assert json.loads((other / "manifest.json").read_text())["derived"]["options"]["pad"] == "none"
+    assert (other / "truth" / "img-00000.tif").read_bytes() != (refocused / "truth" / "img-00000.tif").read_bytes()
 
 
 def test_size_rules_follow_the_training_cells(sample_dir):
