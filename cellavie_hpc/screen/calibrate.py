@@ -144,6 +144,7 @@ def curve_figure(curve: pd.DataFrame, choice: dict, default_threshold: float = 0
             ax.plot([max(last["fp_per_million_healthy"], 1.0)], [last["sensitivity"]], "s", color="C1",
                     label=f"threshold {default_threshold:g}")
         ax.set_xscale("log")
+        ax.set_ylim(max(0.0, np.floor((choice["sensitivity"] - 0.1) * 20) / 20), 1.005)   # the part that matters
         ax.set_xlabel("False positives per million healthy cells (1 = none)")
         ax.set_ylabel("Sensitivity (infected cells found)")
         ax.set_title(f"Validation: {choice['infected_cells']} infected, {choice['healthy_cells']} healthy cells")
