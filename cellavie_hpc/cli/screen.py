@@ -42,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--xla", choices=("auto", "on", "off"), default="auto",
                         help="XLA-compile the network functions (auto: only with a GPU; slower on CPU)")
     parser.add_argument("--pad", choices=("none", "edge", "zero"), default="edge",
-                        help="FFT padding of the physics refocus: edge (default) cuts the phase error of cells "
-                             "within 20 px of the border 3x for 2x the refocus time; none: periodic wrap")
+                        help="FFT padding of the physics refocus, by the light's 45-degree reach over the focus "
+                             "distance: edge (default) cuts the phase error of cells within 20 px of the border 3x; "
+                             "none: periodic wrap-around")
     parser.add_argument("--z-range-um", type=float, nargs=2, default=(-60.0, 60.0), metavar=("MIN", "MAX"),
                         help="autofocus search range, micrometres")
     parser.add_argument("--max-images", type=int, default=None, help="screen only the first N images")

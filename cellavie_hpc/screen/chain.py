@@ -155,7 +155,7 @@ def physics_refocus(plane: np.ndarray, ds, options: "ScreenOptions") -> tuple[np
     The screening chain and the classifier's training crops (`train_chain.refocused_dataset`) both use it,
     so the classifier learns the phase it will see, refocusing artefacts included."""
     from cellavie_hpc.optics.autofocus import autofocus
-    from cellavie_hpc.optics.propagation import propagate
+    from cellavie_hpc.optics.propagation import propagate, spread_margin_px
 
     o = options
     h, w = plane.shape
@@ -164,7 +164,8 @@ def physics_refocus(plane: np.ndarray, ds, options: "ScreenOptions") -> tuple[np
     z = autofocus(plane[y0:y0 + c, x0:x0 + c], z_range_m=o.z_range_m, wavelength_m=ds.wavelength_m,
                   pixel_size_m=ds.pixel_size_m, medium_index=ds.medium_index, coarse_steps=o.coarse_steps,
                   fine_steps=o.fine_steps, border_px=c // 16)
-    focused = propagate(plane, z, ds.wavelength_m, ds.pixel_size_m, ds.medium_index, pad=o.pad).numpy()
+    focused = propagate(plane, z, ds.wavelength_m, ds.pixel_size_m, ds.medium_index, pad=o.pad,
+                        pad_px=spread_margin_px(z, ds.pixel_size_m)).numpy()
     return flatten_background(focused), float(z)
 
 

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from cellavie_hpc.optics.propagation import angular_spectrum_kernel, propagate, propagate_np
+from cellavie_hpc.optics.propagation import (angular_spectrum_kernel, fast_fft_size, propagate, propagate_np,
+                                             spread_margin_px)
 
 WL, PX, N_MED = 532e-9, 0.25e-6, 1.335
 
@@ -106,9 +107,34 @@ def test_padding_suppresses_wrap_around(pad):
     np.testing.assert_allclose(padded, propagate_np(field, z, WL, PX, N_MED, pad=pad), atol=2e-5)
 
 
+def test_a_margin_of_the_light_spread_matches_the_doubled_grid():
+    h = 128
+    field = np.ones((h, h), np.complex64)
+    field[60:68, 2:10] = np.exp(1j * 2.0)               # a phase object at the left border
+    z = 20e-6                                           # 45 degree reach: 80 px, margin 128 px (multiple 64)
+    margin = spread_margin_px(z, PX)
+    assert margin == 128
+    doubled = propagate(field, z, WL, PX, N_MED, pad="edge").numpy()
+    fitted = propagate(field, z, WL, PX, N_MED, pad="edge", pad_px=margin).numpy()
+    periodic = propagate(field, z, WL, PX, N_MED, pad="none").numpy()
+    assert fitted.shape == (h, h)
+    err_fitted, err_none = np.abs(fitted - doubled).max(), np.abs(periodic - doubled).max()
+    assert err_fitted < err_none / 10, (err_fitted, err_none)
+    np.testing.assert_allclose(fitted, propagate_np(field, z, WL, PX, N_MED, pad="edge", pad_px=margin), atol=2e-5)
+
+
+def test_fast_fft_sizes_and_margins():
+    assert [fast_fft_size(n) for n in (1, 7, 2048, 2049, 2304, 2433)] == [1, 8, 2048, 2160, 2304, 2500]
+    assert spread_margin_px(33.6e-6, 0.25e-6) == 192          # 134 px of reach -> 3 x 64
+    assert spread_margin_px([-5e-6, 2e-6], 0.25e-6) == 64     # the largest |z| of a batch
+    assert spread_margin_px(0.0, 0.25e-6) == 0
+
+
 def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="pad"):
         propagate_np(np.ones((8, 8)), 1e-6, WL, PX, pad="mirror")
+    with pytest.raises(ValueError, match="pad_px"):
+        propagate_np(np.ones((8, 8)), 1e-6, WL, PX, pad="edge", pad_px=-1)
     with pytest.raises(ValueError, match="one per field"):
         propagate_np(np.ones((3, 8, 8)), [1e-6, 2e-6], WL, PX)
     with pytest.raises(ValueError, match="positive"):
