@@ -1,6 +1,6 @@
 """Cross-tile merging: a cell crossing a tile border is reported once (property test) and IoMin maths."""
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from cellavie_hpc.screen.chain import tile_origins
 from cellavie_hpc.screen.merge import box_iomin, inner_edge_distance, merge_tile_detections
@@ -37,6 +37,7 @@ def _cells(rng, n, size, r_lo, r_hi):
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 60), tile=st.sampled_from([64, 96, 128]),
        size=st.integers(100, 300))
+@example(seed=251, n=47, tile=96, size=247)        # a 4-pixel sliver at the image border (found by hypothesis)
 def test_every_cell_is_reported_exactly_once_and_whole(seed, n, tile, size):
     rng = np.random.default_rng(seed)
     r_lo, r_hi = 10.0, 15.0
@@ -60,9 +61,10 @@ def test_every_cell_is_reported_exactly_once_and_whole(seed, n, tile, size):
     assert len(keep) == len(cells)
     match = box_iomin(truth, boxes[keep])
     assert np.all((match > 0.5).sum(axis=1) == 1), "each cell matched by exactly one kept box"
-    iou_whole = np.array([np.prod(np.minimum(truth[i, 2:], boxes[keep][j, 2:]) - np.maximum(truth[i, :2], boxes[keep][j, :2]))
-                          / np.prod(truth[i, 2:] - truth[i, :2]) for i, j in enumerate(np.argmax(match, axis=1))])
-    assert np.all(iou_whole > 0.8), "the kept box is the whole cell, not a piece cut at a tile edge"
+    # the kept box is the whole cell (each side within the 1-pixel box error), not a piece cut at a tile
+    # edge; a ratio of areas would fail for slivers of cells cut by the image border, a few pixels wide
+    off_px = np.abs(boxes[keep][np.argmax(match, axis=1)] - truth).max(axis=1)
+    assert np.all(off_px <= 1.0 + 1e-9), off_px.max()
 
 
 def test_merge_rejects_mismatched_inputs_and_handles_empty():
