@@ -28,6 +28,9 @@ SBATCH_FLAGS = frozenset({
     "job-name", "partition", "account", "qos", "constraint", "time", "nodes", "ntasks-per-node",
     "cpus-per-task", "gpus-per-node", "gpus-per-task", "gres", "mem", "exclusive", "signal", "requeue",
     "open-mode", "output", "error", "array", "dependency", "wckey", "comment",
+    # flags people add when they edit a template by hand
+    "ntasks", "ntasks-per-gpu", "gpus", "cpus-per-gpu", "mem-per-cpu", "mem-per-gpu", "chdir", "mail-type",
+    "mail-user", "reservation", "licenses", "nice", "hint", "distribution", "export", "begin", "deadline",
 })
 _SBATCH_TOKEN = re.compile(r"--([a-z][a-z-]*)(=(.+))?", re.S)
 

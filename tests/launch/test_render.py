@@ -127,6 +127,12 @@ def test_hand_editable_templates_are_valid_and_call_cellavie_train(name):
     assert ("--mpi=pmix" in text) == (name == "horovod")
 
 
+def test_screen_template_is_valid_and_quotes_its_arguments():
+    text = (JOBS / "screen.sbatch").read_text()
+    check_script(text, "screen")
+    assert 'cellavie screen --samples-from "${SAMPLES}" --models "${MODELS}" --out "${OUT}" "$@"' in text
+
+
 def test_render_cli_writes_script_and_config(tmp_path):
     sweep = tmp_path / "s w.yaml"
     sweep.write_text(yaml.safe_dump(SWEEP))
