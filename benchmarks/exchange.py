@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from allreduce import environment  # noqa: E402  (benchmarks/allreduce.py: versions, CPU, git commit)
 
 from cellavie_hpc.launch import job_env  # noqa: E402
+from cellavie_hpc.launch.mpirun import local_mpirun, root_environment  # noqa: E402
 from cellavie_hpc.report.collect import collect  # noqa: E402
 from cellavie_hpc.report.timeline import TIMELINE_FILE, summarize_run  # noqa: E402
 
@@ -65,16 +66,14 @@ def commands(launcher: str, config: Path, run_dir: Path, overrides: list[str], p
     if launcher == "gloo":
         return [([str(Path(PYTHON).parent / "horovodrun"), "-np", "2", "--gloo", "-H", "localhost:2", *train], {})]
     if launcher == "mpirun":
-        return [(["mpirun", "-np", "2", "--bind-to", "none", "-x", "TF_CPP_MIN_LOG_LEVEL", "-x", "OMP_NUM_THREADS",
-                  *train], {})]
+        return [([*local_mpirun(2), *train], root_environment())]  # local ranks inherit mpirun's environment
     workers = [f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"]
     return [(train, {"TF_CONFIG": job_env.tf_config(workers, r)}) for r in range(2)]
 
 
 def run(launcher: str, config: Path, run_dir: Path, overrides: list[str], port: int) -> float:
     """Run one setting to completion; its wall time in seconds (start-up included)."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1",
-           "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
     procs = [subprocess.Popen(argv, env={**env, **extra}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for argv, extra in commands(launcher, config, run_dir, overrides, port)]

@@ -13,9 +13,11 @@ single back-end: only the global batch changes the optimisation, not how it is s
   fraction of the run's updates;
 * ``lamb``: the same scaling and warm-up with LAMB (layer-wise trust ratio).
 
-The scaled rate is written into `train.learning_rate` here because `train.lr_scaling` scales with the
-number of replicas, which is 1 on the single back-end. Held-out metrics come from each run's
-metrics.json (the last `data.eval_images` images); a run that fails is listed as failed with its error.
+The scaled schedules give the engine the reference rate with `train.lr_scaling: linear` and
+`train.reference_batch` (the first batch), so the engine scales by global batch / reference batch,
+on the single back-end as on many GPUs; the table's lr is the effective peak rate from each run's
+record header. Held-out metrics come from each run's metrics.json (the last `data.eval_images`
+images); a run that fails is listed as failed with its error.
 """
 from __future__ import annotations
 
@@ -40,14 +42,15 @@ def overrides(schedule: str, batch: int, reference_batch: int, reference_lr: flo
               steps: int) -> list[str]:
     """`key=value` overrides of one (schedule, global batch) point; `steps` is that point's number of updates."""
     scaled = schedule != "constant"
-    lr = reference_lr * batch / reference_batch if scaled else reference_lr
     warmup = max(1, round(warmup_fraction * steps)) if scaled else 0
-    return [f"train.global_batch={batch}", f"train.learning_rate={lr!r}", "train.lr_scaling=none",
+    return [f"train.global_batch={batch}", f"train.learning_rate={reference_lr!r}",
+            f"train.lr_scaling={'linear' if scaled else 'none'}", f"train.reference_batch={reference_batch}",
             f"train.warmup_steps={warmup}", f"train.optimizer={'lamb' if schedule == 'lamb' else 'adam'}"]
 
 
 def run_point(mapping: dict, run_dir: Path, extra: list[str]) -> dict:
-    """Train one point in this process; its metrics, steps and wall time, or the error that stopped it."""
+    """Train one point in this process; its metrics, steps, effective peak rate and warm-up (from the record
+    header) and wall time, or the error that stopped it."""
     from cellavie_hpc.train.config import resolve
     from cellavie_hpc.train.loop import train
 
@@ -59,7 +62,10 @@ def run_point(mapping: dict, run_dir: Path, extra: list[str]) -> dict:
         return {"status": f"failed: {type(error).__name__}: {str(error).splitlines()[0][:80]}",
                 "wall_s": time.perf_counter() - start}
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
-    return {"status": result.status, "steps": result.steps, "metrics": metrics, "wall_s": time.perf_counter() - start}
+    with open(result.records) as records:
+        header = json.loads(records.readline())
+    return {"status": result.status, "steps": result.steps, "metrics": metrics, "lr": header["learning_rate"],
+            "warmup": header["config"]["train"]["warmup_steps"], "wall_s": time.perf_counter() - start}
 
 
 def conclusion(rows: dict[tuple[str, int], dict], batches: list[int], key: str) -> str:
@@ -120,7 +126,6 @@ def main() -> int:
         extra = overrides(schedule, batch, args.batches[0], args.lr, args.warmup_fraction, steps)
         extra.append(f"run.point={{schedule: {schedule}, global_batch: {batch}}}")
         rows[(schedule, batch)] = row = run_point(mapping, out / f"{schedule.replace('+', '_')}-b{batch}", extra)
-        row["lr"], row["warmup"] = float(extra[1].split("=")[1]), int(extra[3].split("=")[1])
         print(f"[{i + 1}/{len(plan)}] {schedule} batch {batch}: {row['status']} {row['wall_s']:.0f} s",
               file=sys.stderr, flush=True)
 
@@ -136,7 +141,8 @@ def main() -> int:
         m = r.get("metrics", {})
         values = "".join(f"{m[k]:>20.3f}" if m.get(k) is not None else f"{'-':>20}" for k in keys)
         loss = m.get("train_loss")
-        print(f"{batch:>5}  {schedule:<14}{r['lr']:>9.4g}{r['warmup']:>7}{r.get('steps', '-'):>6}{values}"
+        lr = f"{r['lr']:.4g}" if "lr" in r else "-"
+        print(f"{batch:>5}  {schedule:<14}{lr:>9}{r.get('warmup', '-'):>7}{r.get('steps', '-'):>6}{values}"
               f"{'-' if loss is None else f'{loss:.4f}':>11}{r['wall_s']:>8.0f}  {r['status']}")
     for key in keys:
         print("conclusion: " + conclusion(rows, args.batches, key))

@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 
 from cellavie_hpc.launch.job_env import free_ports
+from cellavie_hpc.launch.mpirun import local_mpirun
 
 try:  # tests/ is on sys.path under pytest's default "prepend" import mode
     from _requirements import require_horovod, require_mpirun
@@ -233,15 +234,11 @@ def _write_worker(tmp_path: Path, name: str, source: str) -> Path:
     return path
 
 
-def _horovod_cmd(launcher: str, hvd_info, mpirun: str | None) -> list[str]:
+def _horovod_cmd(launcher: str, hvd_info) -> list[str]:
     if launcher == "gloo":
         return [hvd_info.horovodrun, "-np", str(NPROC), "-H", f"localhost:{NPROC}", "--gloo",
                 "--network-interfaces", "lo", "--start-timeout", "60"]
-    cmd = [mpirun, "-np", str(NPROC), "--oversubscribe", "--bind-to", "none",
-           "--mca", "btl", "self,vader,tcp", "--mca", "btl_tcp_if_include", "lo",
-           "--mca", "oob_tcp_if_include", "lo",
-           # CMA single-copy needs ptrace rights that containers often lack
-           "--mca", "btl_vader_single_copy_mechanism", "none"]
+    cmd = local_mpirun(NPROC)
     if os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
     return cmd
@@ -250,8 +247,9 @@ def _horovod_cmd(launcher: str, hvd_info, mpirun: str | None) -> list[str]:
 @pytest.fixture(params=["gloo", "mpi"])
 def horovod_launcher(request, horovod_available):
     """(name, command prefix) launching NPROC local ranks with horovodrun --gloo or mpirun."""
-    mpirun = require_mpirun() if request.param == "mpi" else None
-    return request.param, _horovod_cmd(request.param, horovod_available, mpirun)
+    if request.param == "mpi":
+        require_mpirun()
+    return request.param, _horovod_cmd(request.param, horovod_available)
 
 
 def _load(tmp_path: Path, rank: int) -> tuple[dict, dict]:
@@ -325,7 +323,7 @@ def test_horovod_gradient_tape_training_bit_identical(tmp_path, horovod_launcher
 def test_horovod_desynchronisation_is_detected(tmp_path, horovod_available):
     """Same run without gradient averaging: the checks used above must see the divergence."""
     worker = _write_worker(tmp_path, "hvd_train.py", _HVD_TRAIN)
-    prefix = _horovod_cmd("gloo", horovod_available, None)
+    prefix = _horovod_cmd("gloo", horovod_available)
     _launch([prefix + [sys.executable, str(worker), str(tmp_path), "nosync"]], [_env()], cwd=tmp_path)
 
     (info0, a0), (info1, a1) = _load(tmp_path, 0), _load(tmp_path, 1)

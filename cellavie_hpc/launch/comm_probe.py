@@ -18,7 +18,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ import numpy as np
 
 from cellavie_hpc.errors import DataError, UserError
 from cellavie_hpc.launch import job_env
+from cellavie_hpc.launch.mpirun import local_mpirun, root_environment
 from cellavie_hpc.progress import Progress
 
 COMM_SCHEMA_VERSION = 1
@@ -321,13 +321,7 @@ def local_commands(engine: str, launcher: str, run_dir: str | Path, nproc: int =
         return [([str(horovodrun) if horovodrun.exists() else "horovodrun", "--gloo", "-np", str(nproc), "-H",
                   f"localhost:{nproc}", "--network-interfaces", "lo", "--start-timeout", "60", *probe], {})]
     if launcher == "mpirun":
-        # Oversubscribing makes idle ranks yield the core (a scheduler slice per message on a busy host), so
-        # only when there are more ranks than cores.
-        crowded = ["--oversubscribe"] if nproc > (os.cpu_count() or 1) else []
-        return [([shutil.which("mpirun") or "mpirun", "-np", str(nproc), *crowded, "--bind-to", "none",
-                  "--mca", "btl", "self,vader,tcp", "--mca", "btl_tcp_if_include", "lo",
-                  "--mca", "oob_tcp_if_include", "lo", *probe],
-                 {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})]
+        return [([*local_mpirun(nproc), *probe], root_environment())]
     if launcher == "tf_config":
         workers = [f"127.0.0.1:{port}" for port in job_env.free_ports(nproc)]
         return [(probe, {"TF_CONFIG": job_env.tf_config(workers, rank)}) for rank in range(nproc)]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -27,7 +26,9 @@ from typing import Any
 
 import submitit
 
+from cellavie_hpc.errors import UserError
 from cellavie_hpc.launch import job_env
+from cellavie_hpc.launch.mpirun import local_mpirun, root_environment
 from cellavie_hpc.train.signals import PREEMPTED_EXIT, STOP_SIGNALS
 
 #: What the training process is sent to stop: one of its stop signals that srun and mpirun forward to ranks.
@@ -84,12 +85,11 @@ class TrainTask(submitit.helpers.Checkpointable):
             if self.cluster == "local":
                 child_env["TF_CONFIG"] = tf_config(env.global_rank, env.num_tasks, base)
         if self.backend == "horovod" and self.cluster == "local" and self.ranks > 1:
-            mpirun = shutil.which("mpirun")
-            if mpirun is None:
-                raise RuntimeError(f"point {self.point_id}: horovod with {self.ranks} ranks needs mpirun locally")
-            launcher = [mpirun, "-np", str(self.ranks), "--oversubscribe", "--bind-to", "none"]
-            if os.geteuid() == 0:
-                child_env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+            try:
+                launcher = local_mpirun(self.ranks)
+            except UserError as err:
+                raise RuntimeError(f"point {self.point_id}: horovod: {err}") from err
+            child_env.update(root_environment())
         argv = train_argv([sys.executable], self.config, self.run_dir, overrides)
         return launcher + argv, child_env
 

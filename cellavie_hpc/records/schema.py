@@ -10,7 +10,8 @@ Each rank of a run appends JSON objects, one per line, to `RUN_DIR/records/rank-
   per_replica_batch, global_batch, samples_per_epoch, warmup_steps, time_unix.
   Optional (training engine): process_start_unix (when the rank's process started), gradient_bytes
   (bytes one replica's gradients put on the wire per exchange), horovod_environment (HOROVOD_* variables
-  set before hvd.init, or null).
+  set before hvd.init, or null), learning_rate (the effective peak rate after lr_scaling), compile_cache
+  ({dir, entries} of train.compile_cache_dir, or null).
 * ``step`` (one per optimiser step, or per `log_every` steps): step (0-based global step),
   epoch, t_unix (end of step), wall_s, input_wait_s, compute_s, exchange_s (null when not measurable),
   samples (this rank's samples in the step, summed over the logged steps), loss,

@@ -158,6 +158,10 @@ class TrainSection:
     `multiworker` under Slurm; `*_op_threads` 0 leaves TF's choice; `horovod` tunes Horovod's exchange
     (`HorovodSection`). `tf32` allows TensorFloat-32 matmuls and convolutions on Ampere and later GPUs;
     off by default so that `fp32` means IEEE float32 (TensorFlow itself turns TF32 on); no effect on CPUs.
+    `reference_batch` (null: scale by the replica count) is the global batch at which `learning_rate`
+    holds: `lr_scaling` then follows the global batch, so one setting serves every back-end, split and
+    accumulation. `compile_cache_dir` (null: none; `$VARS` expanded) keeps XLA's compiled clusters on disk
+    for the next run with the same model and shapes (see `compile_cache.py`).
     """
 
     backend: Literal["single", "mirrored", "multiworker", "horovod"] = "single"
@@ -167,11 +171,13 @@ class TrainSection:
     epochs: int = 1
     learning_rate: float = 1e-3
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    reference_batch: int | None = None
     warmup_steps: int = 0
     optimizer: Literal["adam", "sgd", "lamb"] = "adam"
     precision: Literal["fp32", "mixed_float16", "mixed_bfloat16"] = "fp32"
     tf32: bool = False
     xla: bool = False
+    compile_cache_dir: str | None = None
     steps_per_execution: int = 1
     grad_accum: int = 1
     checkpoint_every: int = 0
@@ -197,6 +203,10 @@ class TrainSection:
         _require(self.steps is None or self.steps >= 1, "steps", self.steps, "null (use epochs) or a positive integer")
         _require(self.epochs >= 1, "epochs", self.epochs, "a positive integer")
         _require(self.learning_rate > 0, "learning_rate", self.learning_rate, "a positive number")
+        _require(self.reference_batch is None or self.reference_batch >= 1, "reference_batch", self.reference_batch,
+                 "null (scale by the replica count) or a positive global batch")
+        _require(self.compile_cache_dir is None or bool(self.compile_cache_dir.strip()), "compile_cache_dir",
+                 self.compile_cache_dir, "null (no cache) or a folder")
         _require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
         _require(self.steps_per_execution >= 1, "steps_per_execution", self.steps_per_execution, "a positive integer")
         _require(self.grad_accum >= 1, "grad_accum", self.grad_accum, "a positive integer")
@@ -235,10 +245,17 @@ class TrainConfig:
             )
         return self.train.global_batch // replicas
 
+    def global_batch(self, replicas: int) -> int:
+        """Samples per optimiser update over all replicas: per-replica batch x replicas x grad_accum."""
+        return self.per_replica_batch(replicas) * replicas * self.train.grad_accum
+
     def scaled_learning_rate(self, replicas: int) -> float:
-        """The peak learning rate after scaling with the number of replicas (`lr_scaling`)."""
-        factor = {"none": 1.0, "linear": float(replicas), "sqrt": float(replicas) ** 0.5}[self.train.lr_scaling]
-        return self.train.learning_rate * factor
+        """The peak learning rate after `lr_scaling` (linear or sqrt) by the replica count, or with
+        `reference_batch` set by global batch / reference_batch."""
+        t = self.train
+        ratio = float(replicas) if t.reference_batch is None else self.global_batch(replicas) / t.reference_batch
+        factor = {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[t.lr_scaling]
+        return t.learning_rate * factor
 
 
 def resolve(mapping: dict[str, Any], overrides: Iterable[str] = (), where: str = "config") -> TrainConfig:

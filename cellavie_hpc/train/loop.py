@@ -30,6 +30,7 @@ import yaml
 from cellavie_hpc.errors import ConfigError, UserError
 from cellavie_hpc.launch import job_env
 from cellavie_hpc.train import backends, checkpoint, environment
+from cellavie_hpc.train.compile_cache import CompileCache
 from cellavie_hpc.train.config import TrainConfig, as_mapping, config_hash
 from cellavie_hpc.train.recording import RunRecorder, previous_attempts
 from cellavie_hpc.train.signals import PREEMPTED_EXIT, StopRequest
@@ -51,11 +52,13 @@ class TrainResult:
         return PREEMPTED_EXIT if self.status == "preempted" else COMPLETED_EXIT
 
 
-def configure_tensorflow(config: TrainConfig) -> None:
-    """Thread pools, determinism and the Keras dtype policy: all before the first TF op runs."""
+def configure_tensorflow(config: TrainConfig, cache: CompileCache | None = None) -> None:
+    """XLA's compilation cache, thread pools, determinism, the Keras dtype policy: all before the first TF op runs."""
     import keras
     import tensorflow as tf
 
+    if cache is not None:
+        cache.export()
     t = config.train
     if t.intra_op_threads:
         tf.config.threading.set_intra_op_parallelism_threads(t.intra_op_threads)
@@ -357,8 +360,20 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: str = "auto",
         raise ConfigError(f"--resume must be auto or never, got {resume!r}")
     run_dir = Path(run_dir)
     startup = _Startup()
+    t = config.train
+    cache = CompileCache(t.compile_cache_dir) if t.compile_cache_dir is not None else None
     job = job_env.detect()
-    configure_tensorflow(config)
+    try:
+        configure_tensorflow(config, cache)
+        return _start(config, run_dir, resume, job, startup, progress, cache)
+    finally:
+        if cache is not None:
+            cache.close()
+
+
+def _start(config: TrainConfig, run_dir: Path, resume: str, job, startup: _Startup, progress: TextIO | None,
+           cache: CompileCache | None) -> TrainResult:
+    """Back-end, run folder and records; then `_train`, whose failure is written as a `failed` final record."""
     t = config.train
     if t.horovod.timeline:
         run_dir.mkdir(parents=True, exist_ok=True)  # Horovod opens the timeline file in hvd.init()
@@ -376,7 +391,8 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: str = "auto",
         (run_dir / "config.yaml").write_text(yaml.safe_dump(as_mapping(config), sort_keys=False))
     recorder = RunRecorder(run_dir, backend.rank, t.log_every)
     try:
-        return _train(config, run_dir, resume, job, backend, recorder, digest, progress if rank0 else None, startup)
+        return _train(config, run_dir, resume, job, backend, recorder, digest, progress if rank0 else None, startup,
+                      cache)
     except BaseException as err:
         recorder.flush(*environment.peak_memory())
         text = "".join(traceback.format_exception_only(type(err), err)).strip()
@@ -387,7 +403,8 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: str = "auto",
 
 
 def _train(config: TrainConfig, run_dir: Path, resume: str, job, backend: backends.Backend,
-           recorder: RunRecorder, digest: str, progress: TextIO | None, startup: _Startup) -> TrainResult:
+           recorder: RunRecorder, digest: str, progress: TextIO | None, startup: _Startup,
+           cache: CompileCache | None) -> TrainResult:
     import keras
     import tensorflow as tf
 
@@ -439,12 +456,14 @@ def _train(config: TrainConfig, run_dir: Path, resume: str, job, backend: backen
         slurm=job.slurm_ids(), device=environment.device(), versions=environment.versions(),
         git_commit=environment.git_commit(), config_hash=digest, config=as_mapping(config),
         flops_per_sample=flops_per_sample(model), per_replica_batch=batch,
-        global_batch=batch * backend.replicas * k, samples_per_epoch=steps_per_epoch * tiles_per_step,
+        global_batch=config.global_batch(backend.replicas), samples_per_epoch=steps_per_epoch * tiles_per_step,
         warmup_steps=t.warmup_record_steps, replicas=backend.replicas, grad_accum=k,
         steps_per_execution=t.steps_per_execution, resumed_from_step=position.step,
         process_start_unix=startup.process_start_unix,
         gradient_bytes=sum(backends.gradient_bytes(model.trainable_variables, t.allreduce_compression)),
         horovod_environment=t.horovod.environment(run_dir) if backend.name == "horovod" else None,
+        learning_rate=config.scaled_learning_rate(backend.replicas),
+        compile_cache=None if cache is None else {"dir": str(cache.folder), "entries": cache.found},
     )
 
     step_fn = build_step(model, optimizer, spec, backend, k, t.xla)
@@ -487,6 +506,10 @@ def _train(config: TrainConfig, run_dir: Path, resume: str, job, backend: backen
                 if first_call:
                     startup.first_step_done()
                     first_call = False
+                    if cache is not None and cache.publish() == 0 and cache.found == 0 and t.xla:
+                        print(f"cellavie train: warning: XLA compiled nothing into {cache.folder}: TensorFlow "
+                              "ran an op before train() set TF_XLA_FLAGS (the cache works from a fresh process)",
+                              file=sys.stderr)
                 exchange = None
                 if probe is not None:
                     probe()

@@ -45,6 +45,10 @@ def test_unknown_key_suggests_the_closest():
     ("data.defocus_jitter_um=-2", "defocus_jitter_um"),
     ("data.defocus_jitter_um=5", "data.defocus_jitter_um"),  # the U-Net's inputs are not defocused fields
     ("train.tf32=2", "tf32"),
+    ("train.reference_batch=0", "reference_batch"),
+    ("train.reference_batch=-8", "reference_batch"),
+    ("train.reference_batch=2.5", "reference_batch"),
+    ("train.compile_cache_dir=' '", "compile_cache_dir"),
 ])
 def test_bad_value_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
@@ -73,6 +77,27 @@ def test_global_batch_splits_over_replicas_or_says_why_not():
 def test_learning_rate_scaling(scaling, expected):
     cfg = tc.resolve(MINIMAL, [f"train.lr_scaling={scaling}", "train.learning_rate=0.001"])
     assert cfg.scaled_learning_rate(4) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("overrides, replicas, global_batch, expected", [
+    ([], 1, 8, 0.0005),                                   # one replica of 8: half the reference batch
+    ([], 4, 32, 0.002),                                   # 4 replicas of 8
+    (["train.grad_accum=4"], 1, 32, 0.002),               # the same global batch by accumulation
+    (["train.global_batch=64"], 2, 64, 0.004),            # split 32 + 32
+    (["train.lr_scaling=sqrt"], 8, 64, 0.002),            # sqrt(64 / 16) = 2
+    (["train.lr_scaling=none"], 8, 64, 0.001),            # no scaling, whatever the reference
+])
+def test_learning_rate_follows_the_global_batch_with_a_reference_batch(overrides, replicas, global_batch, expected):
+    cfg = tc.resolve(MINIMAL, ["train.learning_rate=0.001", "train.lr_scaling=linear", "train.batch_per_replica=8",
+                               "train.reference_batch=16", *overrides])
+    assert cfg.global_batch(replicas) == global_batch
+    assert cfg.scaled_learning_rate(replicas) == pytest.approx(expected)
+
+
+def test_without_a_reference_batch_the_replica_count_scales_even_with_accumulation():
+    cfg = tc.resolve(MINIMAL, ["train.learning_rate=0.001", "train.lr_scaling=linear", "train.grad_accum=4"])
+    assert cfg.train.reference_batch is None and cfg.global_batch(2) == 64
+    assert cfg.scaled_learning_rate(2) == pytest.approx(0.002)
 
 
 def test_config_hash_follows_the_resolved_values():

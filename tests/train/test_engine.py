@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from _requirements import require_horovod
 
 from cellavie_hpc.launch.job_env import free_ports
 from cellavie_hpc.report.timeline import summarize_run
+from cellavie_hpc.train.compile_cache import entries
 
 #: Equivalence checks need a loss that is a mean of per-sample terms (the refocus MSE; Dice or a focal loss
 #: normalised by the batch's positives are not) and per-sample forward passes (frozen BatchNorm).
@@ -218,15 +220,16 @@ def test_multiworker_two_processes_agree_and_match_single(tmp_path, tiny_dataset
     assert max_difference(weights(run_dir, 0), weights(reference)) < 1e-5
 
 
-def _horovod_gloo(tmp_path, tiny_dataset, name, *overrides):
+def _horovod_gloo_command(tmp_path, tiny_dataset, name, *overrides):
+    """`horovodrun -np 2 --gloo cellavie train ...`: 2 ranks of batch 2, 4 steps, with Horovod's timeline."""
     info = require_horovod()
     config = exact_config(tmp_path, tiny_dataset, steps=4)
-    run_dir = tmp_path / name
-    command = [info.horovodrun, "-np", "2", "--gloo", "-H", "localhost:2",
-               *train_command(config, run_dir, *EXACT, "train.backend=horovod", "train.batch_per_replica=2",
-                              "train.horovod.timeline=true", *overrides)]
-    proc = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [info.horovodrun, "-np", "2", "--gloo", "-H", "localhost:2",
+            *train_command(config, tmp_path / name, *EXACT, "train.backend=horovod", "train.batch_per_replica=2",
+                           "train.horovod.timeline=true", *overrides)]
+
+
+def _check_horovod_run(run_dir):
     for rank in range(2):
         recs = records(run_dir, rank)
         assert recs[0]["world_size"] == 2 and recs[0]["rank"] == rank and recs[-1]["status"] == "completed"
@@ -234,15 +237,69 @@ def _horovod_gloo(tmp_path, tiny_dataset, name, *overrides):
     return run_dir
 
 
+def _horovod_gloo(tmp_path, tiny_dataset, name, *overrides):
+    proc = subprocess.run(_horovod_gloo_command(tmp_path, tiny_dataset, name, *overrides), env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return _check_horovod_run(tmp_path / name)
+
+
+@pytest.fixture(scope="module")
+def horovod_runs(tmp_path_factory, tiny_dataset):
+    """Three 2-rank Horovod runs of the same 4 steps side by side, differing only in the exchange:
+    ``grouped`` (the default: one grouped allreduce, default fusion; exchange timed), ``per_tensor`` (one
+    allreduce per gradient, fusion off) and ``hierarchical`` (grouped, HOROVOD_HIERARCHICAL_ALLREDUCE=1)."""
+    folder = tmp_path_factory.mktemp("horovod")
+    variants = {"grouped": ["train.measure_exchange=true"],
+                "per_tensor": ["train.horovod.exchange=per_tensor", "train.horovod.fusion_threshold_bytes=0"],
+                "hierarchical": ["train.horovod.hierarchical_allreduce=true"]}
+    run_concurrently({name: (_horovod_gloo_command(folder, tiny_dataset, name, *extra), {})
+                      for name, extra in variants.items()})
+    return {name: _check_horovod_run(folder / name) for name in variants}
+
+
 @pytest.mark.slow
 @pytest.mark.horovod
-def test_horovod_two_processes_agree_and_match_single(tmp_path, tiny_dataset, reference):
-    run_dir = _horovod_gloo(tmp_path, tiny_dataset, "hvd", "train.measure_exchange=true")
+def test_horovod_two_processes_agree_and_match_single(horovod_runs, reference):
+    run_dir = horovod_runs["grouped"]
     assert all(r["exchange_s"] > 0 for r in records(run_dir) if r["kind"] == "step")
     assert max_difference(weights(run_dir, 0), weights(reference)) < 1e-5
     # One grouped allreduce per step: Horovod fuses the gradients (default threshold) into few messages.
     summary = summarize_run(run_dir)
     assert summary.tensors_per_step >= 10 and summary.messages_per_step <= 3, summary
+
+
+@pytest.mark.slow
+@pytest.mark.horovod
+def test_horovod_per_tensor_exchange_trains_exactly_like_grouped_in_one_message_per_gradient(horovod_runs):
+    """Same sums, other messages: per-tensor allreduce without fusion ends with the grouped run's weights
+    bit for bit (2 ranks: a + b is exact whatever the order), and the timeline shows one message per
+    gradient where the grouped run fused them."""
+    grouped, per_tensor = horovod_runs["grouped"], horovod_runs["per_tensor"]
+    header = records(per_tensor)[0]
+    assert header["config"]["train"]["horovod"]["exchange"] == "per_tensor"
+    assert header["horovod_environment"] == {"HOROVOD_FUSION_THRESHOLD": "0",
+                                             "HOROVOD_TIMELINE": str(per_tensor / "horovod_timeline.json")}
+    assert max_difference(weights(per_tensor), weights(grouped)) == 0.0
+    assert step_losses(per_tensor) == step_losses(grouped)
+    losses = step_losses(grouped)
+    assert abs(losses[0] - losses[-1]) > 1e-3  # not vacuous: the updates changed the model
+    fused, unfused = summarize_run(grouped), summarize_run(per_tensor)
+    assert unfused.tensors_per_step == fused.tensors_per_step >= 10
+    assert unfused.messages_per_step == unfused.tensors_per_step > fused.messages_per_step, (fused, unfused)
+
+
+@pytest.mark.slow
+@pytest.mark.horovod
+def test_horovod_hierarchical_allreduce_on_one_node_equals_the_flat_allreduce(horovod_runs):
+    """HOROVOD_HIERARCHICAL_ALLREDUCE=1 reaches the ranks before hvd.init; with every rank on one node
+    Horovod keeps the flat allreduce, so the result is the grouped run's, bit for bit."""
+    grouped, hierarchical = horovod_runs["grouped"], horovod_runs["hierarchical"]
+    for rank in range(2):
+        assert records(hierarchical, rank)[0]["horovod_environment"]["HOROVOD_HIERARCHICAL_ALLREDUCE"] == "1"
+    assert "HOROVOD_HIERARCHICAL_ALLREDUCE" not in records(grouped)[0]["horovod_environment"]
+    assert max_difference(weights(hierarchical), weights(grouped)) == 0.0
+    assert step_losses(hierarchical) == step_losses(grouped)
 
 
 @pytest.mark.slow
@@ -261,6 +318,44 @@ def test_horovod_fp16_per_tensor_exchange_without_fusion_stays_close(tmp_path, t
     assert step_losses(run_dir) == pytest.approx(step_losses(reference), rel=1e-3)
     summary = summarize_run(run_dir)
     assert summary.messages_per_step == summary.tensors_per_step >= 10, summary
+
+
+@pytest.fixture(scope="module")
+def cached_xla_runs(tmp_path_factory, tiny_dataset):
+    """Two XLA runs one after the other through one compilation cache: the first compiles, the second loads.
+    Batch 2 x 2 accumulated micro-batches with a reference batch of 2 (the scaled rate is in the header).
+    Not `deterministic`: TF refuses XLA's MaxPool gradient under op determinism."""
+    folder = tmp_path_factory.mktemp("compile-cache")
+    config = write_config(folder / "c.yaml", tiny_dataset, steps=2, batch_per_replica=2, grad_accum=2, xla=True,
+                          lr_scaling="linear", reference_batch=2, compile_cache_dir=str(folder / "cache"))
+    listings = []
+    for name in ("cold", "warm"):
+        run_train(config, folder / name, "train.deterministic=false")
+        listings.append({str(p.relative_to(folder)): p.stat().st_ino for p in (folder / "cache").rglob("*")})
+    return folder, listings
+
+
+@pytest.mark.slow
+def test_compile_cache_is_filled_by_an_xla_run_and_reused_by_the_next(cached_xla_runs):
+    folder, (after_cold, after_warm) = cached_xla_runs
+    cold, warm = records(folder / "cold")[0]["compile_cache"], records(folder / "warm")[0]["compile_cache"]
+    assert cold["dir"] == warm["dir"] and Path(cold["dir"]).parent == folder / "cache"
+    compiled = entries(cold["dir"])
+    assert cold["entries"] == 0 and len(compiled) >= 1 and all(p.stat().st_size > 10_000 for p in compiled)
+    # The warm run found every entry and added or rewrote none: it loaded the compiled cluster (a miss
+    # compiles and stores another entry). No private folder is left behind.
+    assert warm["entries"] == len(compiled)
+    assert after_warm == after_cold and sorted(after_cold) == sorted(
+        [str(Path(cold["dir"]).relative_to(folder))] + [str(p.relative_to(folder)) for p in compiled])
+    assert step_losses(folder / "warm") == step_losses(folder / "cold")
+
+
+@pytest.mark.slow
+def test_header_carries_the_learning_rate_scaled_by_the_global_batch(cached_xla_runs):
+    folder, _ = cached_xla_runs
+    header = records(folder / "cold")[0]
+    assert header["global_batch"] == 4 and header["config"]["train"]["learning_rate"] == 0.003
+    assert header["learning_rate"] == pytest.approx(0.003 * 4 / 2)
 
 
 def test_info_json_reports_versions_devices_and_rank():
