@@ -471,6 +471,10 @@ class ScreeningChain:
         shift = np.tile(origins[tile_id], 2).astype(np.float64)
         boxes = det["boxes"][tile_id, slot].astype(np.float64) + shift
         scores = det["scores"][tile_id, slot].astype(np.float64)
+        # tiles past the image border are reflect-padded: a detection centred there is a mirror image
+        centre_y, centre_x = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+        inside = np.flatnonzero((centre_y >= 0) & (centre_y < h) & (centre_x >= 0) & (centre_x < w))
+        boxes, scores, tile_id = boxes[inside], scores[inside], tile_id[inside]
         keep = merge_tile_detections(boxes, scores, origins[tile_id], (o.tile, o.tile), (h, w))
         boxes = np.clip(boxes[keep], 0, [h, w, h, w])
         scores = scores[keep]

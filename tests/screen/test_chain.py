@@ -136,3 +136,50 @@ def test_cli_screens_the_array_task_sample(sample_dir, models_dir, tmp_path, mon
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
     assert main(["screen", "--samples-from", str(listing), "--models", str(models_dir), "--out", str(tmp_path / "o")]) == 2
     assert "array task 7 but the file lists 2 samples" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def learned_models(tmp_path_factory):
+    """A chain whose every stage is a network (untrained, seeded): refocus CNN, U-Net, detector, classifier."""
+    import keras
+
+    from cellavie_hpc.models.registry import build_model
+    from cellavie_hpc.screen.models_dir import ChainSpec, NetworkEntry, save_chain
+
+    keras.utils.set_random_seed(1)
+    root = tmp_path_factory.mktemp("learned")
+    entries = {"refocus": NetworkEntry(name="refocus", file="refocus.keras", patch=128, in_channels=2),
+               "unet": NetworkEntry(name="unet", file="unet.keras", patch=128),
+               "detector": NetworkEntry(name="detector", file="detector.keras", patch=128),
+               "classifier": NetworkEntry(name="classifier", file="classifier.keras", patch=64)}
+    models = {k: build_model(k, "tiny", e.patch, e.in_channels) for k, e in entries.items()}
+    # untrained, so give the outputs that decide what is found a bias: the U-Net calls every pixel cell
+    # interior, the detector's boxes are 28 px (7 grid cells of 4 px) instead of under a pixel
+    models["unet"].get_layer("logits_conv").bias.assign(np.array([0.0, 5.0, 0.0], np.float32))
+    models["detector"].get_layer("size_conv").bias.assign(np.array([7.0, 7.0], np.float32))
+    save_chain(root, ChainSpec(**entries, segmentation="unet", detection="detector", detector_score=0.0), models)
+    return root
+
+
+def test_learned_chain_refocuses_segments_and_detects_with_its_networks(sample_dir, learned_models):
+    from cellavie_hpc.data.dataset import open_dataset
+    from cellavie_hpc.screen.merge import box_iomin
+
+    ds = open_dataset(sample_dir)
+    options = ScreenOptions(refocus="cnn", tile=256, overlap=64)
+    fast = ScreeningChain(learned_models, options)
+    assert sorted(fast.networks) == ["classifier", "detector", "refocus", "unet"]
+    a = next(fast.screen(ds, [0]))
+    b = next(ScreeningChain(learned_models, options.naive()).screen(ds, [0]))
+    assert a.phase.shape == (512, 512) and np.isnan(a.focus_distance_m)
+    np.testing.assert_allclose(a.phase, b.phase, atol=1e-4)      # batched tiles = one tile per call
+    assert a.n_cells == b.n_cells > 0
+    boxes = a.cells["box"]
+    assert np.all((boxes[:, :2] >= 0) & (boxes[:, 2:] <= 512) & (boxes[:, 2:] > boxes[:, :2]))
+    inner = boxes[np.all((boxes[:, :2] > 0) & (boxes[:, 2:] < 512), axis=1)]     # not clipped by the border
+    assert len(inner) > 0.8 * len(boxes)
+    assert (box_iomin(inner, inner) - np.eye(len(inner))).max() <= 0.5  # merged across tiles: no cell twice
+    mask = fast.segment(a.phase)
+    iy, ix = a.cells["cy"].astype(int), a.cells["cx"].astype(int)
+    assert mask[iy, ix].all()                                       # detections are kept only on the U-Net's cells
+    np.testing.assert_allclose(a.cells["p_infected"], b.cells["p_infected"], atol=1e-4)
