@@ -18,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model series to use (when several were measured)")
     parser.add_argument("--backend", default=None, help="back-end series to use")
     parser.add_argument("--precision", default=None, help="precision series to use")
+    parser.add_argument("--variant", default=None, help="variant series to use (a sweep with `variants:`)")
     parser.add_argument("--bootstrap", type=int, default=200, metavar="N", help="bootstrap resamples")
     add_comm_arguments(parser)
 
@@ -49,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     _, points, _ = load_results(args.results)
     cal = calibration.select(calibration.calibrate(points, repeats=args.bootstrap, comm=comm_fit(args)),
-                             model=args.model, backend=args.backend, precision=args.precision)
+                             model=args.model, backend=args.backend, precision=args.precision,
+                             variant=args.variant)
     if args.tiles is not None:
         samples = args.tiles
     else:

@@ -4,6 +4,9 @@ A sweep file holds `base:` (training-configuration defaults, the sections of `ce
 `dataset:` (an existing data set, or the parameters to generate one once into the sweep directory),
 `grid:` (one mapping or a list of mappings: the cartesian product of each axis' values) and/or
 `points:` (an explicit list), and `cluster:` (partition, account, time limit, modules, GPUs, ...).
+`variants:` names partial training configurations (improvement switches such as
+`train.allreduce_compression`, `data.tile_cache`) that the `variant` axis applies on top of `base:` and
+the point's axes; `baseline` (defined or not) is the reference the report compares each variant with.
 Everything is checked before anything is submitted, so an impossible point (a multi-node `mirrored`
 run, more GPUs than a node holds, a global batch that does not divide over the ranks) fails on the
 login node with the key and the point named, not in the queue an hour later.
@@ -32,6 +35,10 @@ GpuRequest = Literal["gpus_per_node", "gres", "none"]
 #: Back-ends that run one process (rank) per GPU; the others run one process per node.
 RANK_PER_GPU = ("multiworker", "horovod")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: The variant every other one is compared with; it needs no definition under `variants:` (none = no overrides).
+BASELINE = "baseline"
+#: Training-configuration sections a variant may set (`run:` is the sweep's: name, seed and point).
+VARIANT_SECTIONS = ("data", "model", "train")
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class PointSpec:
     epochs: int | None = None
     repeats: int | None = None          # independent repetitions (default 1), seeds base+0, base+1, ...
     time_min: int | None = None         # Slurm time limit of this point (default cluster.time_min)
+    variant: str | None = None          # a name under `variants:` (or `baseline`); default: none
 
 
 AXES = tuple(f.name for f in dataclasses.fields(PointSpec))
@@ -154,10 +162,27 @@ class SweepSpec:
     points: tuple[PointSpec, ...] = ()
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     scales: dict[str, dict[str, Any]] = field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not NAME_RE.match(self.name):
             raise ValueError(f"'name' must match {NAME_RE.pattern} (it names jobs and folders), got {self.name!r}")
+        for name, overrides in self.variants.items():
+            if not NAME_RE.match(name):
+                raise ValueError(f"variants: name {name!r} must match {NAME_RE.pattern} (it names runs and folders)")
+            unknown = [k for k in overrides if k not in VARIANT_SECTIONS]
+            if unknown:
+                raise ValueError(f"variants.{name}: unknown section '{unknown[0]}'"
+                                 f"{suggest(unknown[0], VARIANT_SECTIONS)}; a variant sets keys of "
+                                 f"{', '.join(VARIANT_SECTIONS)} (run.* belongs to the sweep)")
+            for section, key in (("model", "name"), ("train", "backend")):
+                if key in (overrides.get(section) or {}):
+                    raise ValueError(f"variants.{name}: sets {section}.{key}, a point axis (it names the point "
+                                     f"and its series); use the grid's '{section if section == 'model' else key}' axis")
+
+    def variant_overrides(self, name: str | None) -> dict[str, Any]:
+        """The training-configuration overrides of variant `name` (none for the baseline or no variant)."""
+        return {} if name is None else self.variants.get(name, {})
 
     def grids(self, where: str) -> list[Any]:
         """The `grid:` section as a list of validated GridSpec."""
@@ -187,6 +212,7 @@ class Point:
     epochs: int | None
     repeat: int
     time_min: int
+    variant: str | None = None
 
     @property
     def world_size(self) -> int:
@@ -210,12 +236,16 @@ class Point:
 
     @property
     def id(self) -> str:
-        """Stable, file-system safe name: `p003-horovod-unet-1x2-r0`."""
-        return f"p{self.index:03d}-{self.backend}-{self.model}-{self.nodes}x{self.gpus_per_node}-r{self.repeat}"
+        """Stable, file-system safe name: `p003-horovod-unet-1x2-r0` (with a variant `...-1x2-fp16-r0`)."""
+        shape = f"{self.nodes}x{self.gpus_per_node}" + ("" if self.variant is None else f"-{self.variant}")
+        return f"p{self.index:03d}-{self.backend}-{self.model}-{shape}-r{self.repeat}"
 
     def mapping(self) -> dict[str, Any]:
-        """The point as plain data: copied into run.point and from there into every record header."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The point as plain data: copied into run.point and from there into every record header.
+
+        `variant` appears only when set, so that sweeps without variants keep their fingerprint."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if not (f.name == "variant" and self.variant is None)}
         out.update(id=self.id, world_size=self.world_size, tasks_per_node=self.tasks_per_node)
         return out
 
@@ -277,12 +307,15 @@ def _resolve(spec: SweepSpec, axes: PointSpec, index: int, repeat: int) -> Point
         precision=axes.precision or train.get("precision"),
         xla=axes.xla if axes.xla is not None else train.get("xla"),
         steps=steps, epochs=epochs, repeat=repeat, time_min=axes.time_min or spec.cluster.time_min,
+        variant=axes.variant,
     )
 
 
-def _axes_combinations(spec: SweepSpec, where: str) -> list[tuple[str, PointSpec]]:
-    """(origin, axes) for every grid combination, then every listed point, in file order."""
-    combos: list[tuple[str, PointSpec]] = []
+def _axes_combinations(spec: SweepSpec, where: str) -> list[tuple[str, list[PointSpec]]]:
+    """(origin, axes of each variant) for every grid combination, then every listed point, in file order.
+
+    The axes of one entry differ only in `variant` (one entry of one without a variant axis)."""
+    combos: list[tuple[str, list[PointSpec]]] = []
     for g, grid in enumerate(spec.grids(where)):
         label = f"grid[{g}]" if isinstance(spec.grid, list) else "grid"
         values = {}
@@ -296,26 +329,42 @@ def _axes_combinations(spec: SweepSpec, where: str) -> list[tuple[str, PointSpec
             values[name] = value
         if not values:
             raise ConfigError(f"{where}: {label} sets no axis; valid axes: {', '.join(AXES)}")
+        variants = values.pop("variant", [None])
         for combo in itertools.product(*values.values()):
-            combos.append((label, PointSpec(**dict(zip(values, combo)))))
-    combos.extend((f"points[{i}]", p) for i, p in enumerate(spec.points))
+            combos.append((label, [PointSpec(**dict(zip(values, combo)), variant=v) for v in variants]))
+    combos.extend((f"points[{i}]", [p]) for i, p in enumerate(spec.points))
     return combos
 
 
+def _check_variant(spec: SweepSpec, name: str | None, where: str) -> None:
+    if name is not None and name != BASELINE and name not in spec.variants:
+        known = ", ".join([BASELINE, *sorted(spec.variants)])
+        raise ConfigError(f"{where}: variant '{name}' is not defined under 'variants:'"
+                          f"{suggest(name, [BASELINE, *spec.variants])}; known: {known}")
+
+
 def expand(spec: SweepSpec, where: str = "sweep") -> list[Point]:
-    """Every point of the sweep (repeats unrolled), each validated; ConfigError names the point and key."""
+    """Every point of the sweep (repeats unrolled), each validated; ConfigError names the point and key.
+
+    The variants of one grid combination run interleaved, repeat by repeat (baseline r0, fp16 r0, ...,
+    baseline r1, ...), so that a drift of the machine's load hits them alike; without a variant axis the
+    repeats of a point follow each other.
+    """
     combos = _axes_combinations(spec, where)
     if not combos:
         raise ConfigError(f"{where}: the sweep has no points: add a 'grid:' or a 'points:' section")
     points: list[Point] = []
-    for origin, axes in combos:
-        repeats = 1 if axes.repeats is None else axes.repeats
+    for origin, variants in combos:
+        repeats = 1 if variants[0].repeats is None else variants[0].repeats
         if repeats < 1:
             raise ConfigError(f"{where}: {origin}: 'repeats' must be >= 1, got {repeats}")
+        for axes in variants:
+            _check_variant(spec, axes.variant, f"{where}: {origin}")
         for r in range(repeats):
-            point = _resolve(spec, axes, len(points), r)
-            check_point(spec, point, axes, f"{where}: {origin} -> point {point.index} ({point.id})")
-            points.append(point)
+            for axes in variants:
+                point = _resolve(spec, axes, len(points), r)
+                check_point(spec, point, axes, f"{where}: {origin} -> point {point.index} ({point.id})")
+                points.append(point)
     return points
 
 
@@ -358,8 +407,8 @@ def check_point(spec: SweepSpec, p: Point, axes: PointSpec, where: str) -> None:
 
 
 def training_config(spec: SweepSpec, point: Point, dataset: str | None) -> dict[str, Any]:
-    """The `cellavie train` configuration of one point: `base:` with the point's axes applied
-    (`dataset`: the data-set path; None keeps base.data.dataset)."""
+    """The `cellavie train` configuration of one point: `base:` with the point's axes applied, then its
+    variant's overrides (`dataset`: the data-set path; None keeps base.data.dataset)."""
     cfg = copy.deepcopy(spec.base)
     run, data, model, train = (cfg.setdefault(k, {}) for k in ("run", "data", "model", "train"))
     run["name"] = point.id
@@ -383,7 +432,7 @@ def training_config(spec: SweepSpec, point: Point, dataset: str | None) -> dict[
         train["steps"] = None
     if point.backend == "mirrored":
         train["cpu_replicas"] = point.gpus_per_node  # CPU-only nodes: as many logical devices as GPUs asked
-    return cfg
+    return _deep_merge(cfg, spec.variant_overrides(point.variant))
 
 
 @dataclass(frozen=True)
@@ -415,20 +464,36 @@ def plan(spec: SweepSpec, dataset: str | None, where: str = "sweep") -> Plan:
     Each configuration is validated by the training engine's own loader when it is importable, so a typo
     in `base:` (e.g. `train.bach_size`) fails here, naming the point, before anything is submitted.
     """
+    check_variants(spec, where)
     points = expand(spec, where)
     configs = []
     for point in points:
         cfg = training_config(spec, point, dataset)
-        _validate_training(cfg, f"{where}: point {point.index} ({point.id})")
+        variant = f", variant '{point.variant}'" if point.variant is not None else ""
+        _validate_training(cfg, f"{where}: point {point.index} ({point.id}){variant}", point.world_size)
         configs.append(cfg)
     return Plan(spec=spec, points=tuple(points), configs=tuple(configs))
 
 
-def _validate_training(cfg: dict[str, Any], where: str) -> None:
+def check_variants(spec: SweepSpec, where: str = "sweep") -> None:
+    """Validate every defined variant over `base:`, used or not, so that a typo names the variant."""
+    for name, overrides in spec.variants.items():
+        cfg = _deep_merge(spec.base, overrides)
+        cfg.setdefault("model", {}).setdefault("name", "unet")  # the model may come from the points' axes
+        _validate_training(cfg, f"{where}: variants.{name}")
+
+
+def _validate_training(cfg: dict[str, Any], where: str, world_size: int | None = None) -> None:
+    """The training engine's own validation (and, given the world size, its split of the global batch)."""
     try:
         from cellavie_hpc.train.config import resolve
     except ImportError:  # the training engine is optional for planning on a login node
         return
     probe = copy.deepcopy(cfg)
     probe.setdefault("data", {}).setdefault("dataset", "<generated>")
-    resolve(probe, where=f"{where}: training configuration")
+    config = resolve(probe, where=f"{where}: training configuration")
+    if world_size is not None:
+        try:
+            config.per_replica_batch(world_size)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from err

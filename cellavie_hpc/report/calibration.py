@@ -306,5 +306,5 @@ def select(calibrations: list[SeriesCalibration], **wanted: Any) -> SeriesCalibr
     if not matches:
         raise UserError(f"no calibrated series matches {wanted or 'the request'}; available: {choices}")
     raise UserError(f"{len(matches)} calibrated series match {wanted or 'the request'}; choose one with "
-                    f"--model/--backend/--precision: {choices}")
+                    f"--model/--backend/--precision/--variant: {choices}")
 

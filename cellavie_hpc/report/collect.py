@@ -40,7 +40,7 @@ SWEEP_FILE = "sweep.json"
 REPEAT_KEYS = ("point.repeat", "point.seed")
 #: Columns that describe what was run, used (with the point's own fields) to group repeats.
 DESCRIPTORS = ("model", "backend", "precision", "xla", "patch", "world_size", "nodes", "gpus_per_node",
-               "batch_per_gpu", "global_batch")
+               "batch_per_gpu", "global_batch", "variant")
 
 
 @dataclass
@@ -194,7 +194,7 @@ def _run_columns(header: dict[str, Any]) -> dict[str, Any]:
     slurm = header.get("slurm") or {}
     return {
         "run_id": header.get("run_id"), "model": header.get("model"), "backend": header.get("backend"),
-        "precision": precision, "xla": pick("train.xla", "xla"),
+        "variant": point.get("variant"), "precision": precision, "xla": pick("train.xla", "xla"),
         "patch": pick("data.patch", "patch"), "world_size": world, "nodes": nodes,
         "gpus_per_node": world // nodes if nodes else None, "batch_per_gpu": header.get("per_replica_batch"),
         "global_batch": header.get("global_batch"), "samples_per_epoch": header.get("samples_per_epoch"),

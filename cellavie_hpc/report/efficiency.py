@@ -16,8 +16,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-#: What stays fixed along a scaling series besides the batch that defines weak or strong scaling.
-SERIES_KEYS = ("model", "backend", "precision", "xla", "patch")
+#: What stays fixed along a scaling series besides the batch that defines weak or strong scaling
+#: (`variant`: the sweep's named set of improvement switches, none outside a variant study).
+SERIES_KEYS = ("model", "backend", "precision", "xla", "patch", "variant")
 SCALING_BATCH = {"weak": "batch_per_gpu", "strong": "global_batch"}
 
 

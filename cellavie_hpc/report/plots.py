@@ -175,3 +175,48 @@ def plot_breakdown(table: pd.DataFrame) -> plt.Figure:
         ax.legend(loc="best")
         ax.grid(axis="y", visible=False)
     return fig
+
+
+def improvement_data(improvements: pd.DataFrame) -> pd.DataFrame:
+    """Per back-end, variant (and setting) and world size: the measured ratio to the baseline and its interval.
+
+    `x` is the world size nudged by a few per cent per line (log axis) so that intervals at one size stay apart.
+    """
+    columns = ["backend", "label", "gpus", "x", "ratio", "ci_low", "ci_high"]
+    if improvements.empty:
+        return pd.DataFrame(columns=columns)
+    rows = improvements[(improvements["variant"] != "baseline") & improvements["ratio"].notna()]
+    label = rows["variant"].astype(str) + rows["setting"].fillna("").map(lambda s: f" ({s})" if s else "")
+    table = pd.DataFrame({
+        "backend": rows["backend"].astype(str), "label": label, "gpus": rows["gpus"].astype(int),
+        "ratio": rows["ratio"].astype(float), "ci_low": rows["ratio_ci_low"].astype(float),
+        "ci_high": rows["ratio_ci_high"].astype(float),
+    }).sort_values(["backend", "label", "gpus"]).reset_index(drop=True)
+    position = table.groupby("backend")["label"].transform(lambda s: s.rank(method="dense") - 1)
+    lines = table.groupby("backend")["label"].transform("nunique")
+    table["x"] = table["gpus"] * 2.0 ** (0.05 * (position - (lines - 1) / 2))
+    return table[columns]
+
+
+def plot_improvements(table: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Ratio to the baseline against GPUs (log2 axes), one panel per back-end, one line per variant,
+    bars: the ratio's confidence interval; the dashed line at 1 is "no effect"."""
+    backends = sorted(table["backend"].unique()) or [""]
+    width, height = STYLE["figure.figsize"]
+    with plt.rc_context(STYLE | {"figure.figsize": (width * 0.75 * len(backends) + 1.2, height)}):
+        fig, axes = plt.subplots(1, len(backends), sharey=True, squeeze=False)
+        for ax, backend in zip(axes[0], backends):
+            for label, group in table[table["backend"] == backend].groupby("label", sort=True):
+                err = np.vstack([group["ratio"] - group["ci_low"], group["ci_high"] - group["ratio"]]).clip(min=0)
+                ax.errorbar(group["x"], group["ratio"], yerr=err, marker="o", label=label)
+            ax.axhline(1.0, color="k", linestyle="--", linewidth=0.9, label="baseline")
+            if not table.empty:
+                _log2(ax, "x")
+                _log2(ax, "y")  # a ratio: 0.5 and 2 are the same distance from 1
+                ax.set_xticks(sorted(table["gpus"].unique()))
+            ax.set_xlabel("GPUs (world size)")
+            ax.set_title(backend)
+            ax.legend(loc="best")
+        axes[0][0].set_ylabel("Throughput / baseline")
+        fig.suptitle(title or "Improvement over the baseline (measured; bars: 95% CI)")
+    return fig

@@ -16,7 +16,7 @@ import pandas as pd
 
 from cellavie_hpc import __version__
 from cellavie_hpc.errors import UserError
-from cellavie_hpc.report import bottleneck, calibration, efficiency, plots
+from cellavie_hpc.report import bottleneck, calibration, efficiency, improvements, plots
 from cellavie_hpc.report.collect import load_results
 from cellavie_hpc.report.comm_model import CommFit
 
@@ -125,6 +125,26 @@ CALIBRATION_COLUMNS = [
     Column("t0_s", "t0 (ms)", fmt_num(3)), Column("compute_s_per_sample", "c (ms/sample)", fmt_num(4)),
     Column("alpha_s", "alpha (ms)", fmt_num(4)), Column("gamma_s", "gamma (ms)", fmt_num(3)),
     Column("fit_rms_rel_error", "Fit RMS error", fmt_pct), Column("heldout_error", "Held-out error", fmt_pct),
+]
+IMPROVEMENT_COLUMNS = [
+    Column("source", "Source"), Column("model", "Model"), Column("backend", "Back-end"), Column("setting", "Setting"),
+    Column("variant", "Variant"), Column("gpus", "GPUs"), Column("repeats", "Repeats"),
+    Column("throughput_samples_per_s", "Throughput (samples/s, median)", fmt_num(1)),
+    Column("throughput_min", "min", fmt_num(1)), Column("throughput_max", "max", fmt_num(1)),
+    Column("ratio", "vs baseline", fmt_num(2)), Column("ratio_ci_low", "95% CI low", fmt_num(2)),
+    Column("ratio_ci_high", "95% CI high", fmt_num(2)), Column("effect", "Effect"),
+    Column("input_wait_share", "Input wait", fmt_pct), Column("compute_share", "Compute", fmt_pct),
+    Column("exchange_share", "Exchange", fmt_pct), Column("time_to_first_step_s", "Start-up (s)", fmt_num(1)),
+    Column("note", "Note"),
+]
+IMPROVEMENT_PROJECTION_COLUMNS = [
+    Column("source", "Source"), Column("series", "Series"), Column("gpus", "GPUs"),
+    Column("batch_per_gpu", "Batch/GPU", fmt_num(0)),
+    Column("throughput_samples_per_s", "Throughput (samples/s)", fmt_num(1)),
+    Column("throughput_p5", "p5", fmt_num(1)), Column("throughput_p95", "p95", fmt_num(1)),
+    Column("ratio", "vs baseline", fmt_num(2)), Column("ratio_p5", "p5", fmt_num(2)),
+    Column("ratio_p95", "p95", fmt_num(2)), Column("measured_gpus", "Measured GPUs"),
+    Column("extrapolated", "Beyond measured"), Column("note", "Note"),
 ]
 INCOMPLETE_COLUMNS = [
     Column("run_dir", "Run directory"), Column("run_id", "Run"), Column("status", "Status"),
@@ -243,6 +263,8 @@ def build_report(results: str | Path, out: str | Path, bootstrap_repeats: int = 
                                        if not summary.get("include_incomplete") else runs, ranks)
     cals = calibration.calibrate(points, repeats=bootstrap_repeats, comm=comm)
     projection = calibration.projection_table(cals)
+    gains = improvements.improvements_table(runs)
+    gains_projected = improvements.projected_improvements(cals)
     calibration.write_calibration(cals, out / "calibration.json")
     incomplete = pd.DataFrame(summary.get("incomplete_runs") or [])
 
@@ -251,6 +273,10 @@ def build_report(results: str | Path, out: str | Path, bootstrap_repeats: int = 
         ("bottleneck", neck, BOTTLENECK_COLUMNS, "Measured step-time breakdown, stragglers and peak memory per run"),
         ("calibration", _calibration_frame(cals), CALIBRATION_COLUMNS, "Fitted step-time model per series"),
         ("projection", projection, PROJECTION_COLUMNS, "Projected (not measured) scaling from the fitted model"),
+        ("improvements", gains, IMPROVEMENT_COLUMNS,
+         "Measured effect of each variant: throughput over repeats and ratio to the baseline (bootstrap 95% CI)"),
+        ("improvements_projection", gains_projected, IMPROVEMENT_PROJECTION_COLUMNS,
+         "Projected (not measured) throughput per back-end and variant, and ratio to the baseline"),
         ("incomplete", incomplete, INCOMPLETE_COLUMNS, "Incomplete and failed runs (excluded from efficiency)"),
     ):
         written["tables"][name] = write_table(frame, columns, tables / name, caption)
@@ -274,18 +300,62 @@ def build_report(results: str | Path, out: str | Path, bootstrap_repeats: int = 
         stem = figures / "step_breakdown"
         plots.save_figure(plots.plot_breakdown(plots.breakdown_data(neck)), stem)
         figs.append(("Median step time split into input wait, compute, gradient exchange and other (measured)", stem))
-    written["figures"] = [s.with_suffix(".png") for _, s in figs] + [s.with_suffix(".pdf") for _, s in figs]
+    gain_figs: list[tuple[str, Path]] = []
+    ratios = plots.improvement_data(gains)
+    if not ratios.empty:
+        stem = figures / "improvement_ratio"
+        plots.save_figure(plots.plot_improvements(ratios), stem)
+        gain_figs.append(("Throughput of each variant over the baseline of its back-end against GPUs "
+                          "(measured; bars: bootstrap 95% CI of the ratio of medians)", stem))
+    written["figures"] = [s.with_suffix(ext) for ext in (".png", ".pdf") for _, s in figs + gain_figs]
 
-    blocks = _blocks(results, summary, runs, points, scaling, neck, cals, projection, incomplete, figs)
+    blocks = _blocks(results, summary, runs, points, scaling, neck, cals, projection, incomplete, figs,
+                     _improvement_blocks(gains, gains_projected, gain_figs))
     (out / "report.md").write_text(to_markdown(blocks, out))
     (out / "report.html").write_text(to_html(blocks, "cellavie-hpc scaling report"))
     written["documents"] = [out / "report.md", out / "report.html", out / "calibration.json"]
     return written
 
 
+def _improvement_blocks(gains: pd.DataFrame, projected: pd.DataFrame, figs: list[tuple[str, Path]]) -> list[Block]:
+    """The Improvements section: measured ratios (with their figure), then the projected ones, apart."""
+    b = [Block("heading", "Improvements (measured)")]
+    if gains.empty:
+        return b + [Block("para", "No run names a variant other than the baseline (sweep axis `variant`): "
+                                  "nothing to compare.")]
+    b += [Block("para", "Each variant against the baseline of the same back-end, world size and sweep axes, "
+                        "run interleaved repeat by repeat. Throughput: median (min-max) over the repeats; ratio: "
+                        f"median over median, with a bootstrap {improvements.CONFIDENCE:.0%} interval "
+                        f"({improvements.CI_RESAMPLES} resamples of each side's repeats). Effect 'faster'/'slower' "
+                        "only when the interval excludes 1, else 'unresolved'. Shares of step time are medians over "
+                        "the repeats (exchange: a separate timed all-reduce of the gradients, when recorded)."),
+          Block("table", frame=gains, columns=IMPROVEMENT_COLUMNS)]
+    missing = gains[gains["note"].str.startswith("no completed baseline")]
+    if not missing.empty:
+        b.append(Block("para", f"{len(missing)} row(s) have no ratio: their baseline did not complete (see Note)."))
+    b += [Block("figure", text, path=stem.with_suffix(".png")) for text, stem in figs]
+    b += [Block("heading", "Improvements projected (projected from the model, not measured)")]
+    if projected.empty:
+        b.append(Block("para", "No (back-end, variant) series could be calibrated (it needs a single-GPU point or "
+                               "three measured points)."))
+    else:
+        b += [Block("para", "Throughput of each calibrated (back-end, variant) series from its fitted step-time model "
+                            "(see Calibration) at its measured batch per GPU, and its ratio to the baseline series of "
+                            "the same back-end; p5-p95 over paired bootstrap fits. Rows beyond the measured world "
+                            "sizes are extrapolations of the model."),
+              Block("table", frame=projected, columns=IMPROVEMENT_PROJECTION_COLUMNS)]
+        multi = projected["measured_gpus"].map(lambda g: sum(int(n) > 1 for n in str(g).split(",")))
+        weak = sorted(set(projected.loc[multi < 2, "series"]))
+        if weak:
+            b.append(Block("para", f"{len(weak)} series were measured at fewer than two multi-GPU world sizes: their "
+                                   "exchange terms (alpha, gamma) are weakly constrained, so their projections far "
+                                   "beyond the measured sizes, and the ratios there, are not predictions."))
+    return b
+
+
 def _blocks(results: Path, summary: dict, runs: pd.DataFrame, points: pd.DataFrame, scaling: pd.DataFrame,
             neck: pd.DataFrame, cals: list, projection: pd.DataFrame, incomplete: pd.DataFrame,
-            figs: list[tuple[str, Path]]) -> list[Block]:
+            figs: list[tuple[str, Path]], gains: list[Block]) -> list[Block]:
     b = [Block("heading", "cellavie-hpc scaling report", level=1),
          Block("para", f"From {results} ({summary.get('runs', len(runs))} runs, {summary.get('complete', 0)} complete, "
                        f"{len(points)} sweep points); generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} by cellavie-hpc "
@@ -326,6 +396,7 @@ def _blocks(results: Path, summary: dict, runs: pd.DataFrame, points: pd.DataFra
               Block("table", frame=projection, columns=PROJECTION_COLUMNS)]
     else:
         b.append(Block("para", "No series has a single-GPU point or three measured points: nothing calibrated."))
+    b += gains
     b += [Block("heading", "Environment (from the record headers)"),
           Block("table", frame=environment(runs), columns=ENV_COLUMNS), Block("heading", "Sweep")]
     sweeps = summary.get("sweeps") or {}
