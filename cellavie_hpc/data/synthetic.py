@@ -32,7 +32,7 @@ from cellavie_hpc import __version__
 from cellavie_hpc.data.dataset import FORMAT_NAME, FORMAT_VERSION, sha256_file
 from cellavie_hpc.data.tiff_io import COMPLEX_ENCODING, TILE, field_to_samples, write_tiled
 from cellavie_hpc.errors import UserError
-from cellavie_hpc.optics.propagation import propagate_np
+from cellavie_hpc.optics.propagation import fast_fft_size, propagate_np
 from cellavie_hpc.progress import Progress
 
 STAGES = ("healthy", "ring", "trophozoite", "schizont")   # class id = position + 1 (0 = background)
@@ -95,7 +95,7 @@ class SyntheticParams:
 
     @property
     def canvas_shape(self) -> tuple[int, int]:
-        return (_fft_size(self.height + 2 * self.margin_px), _fft_size(self.width + 2 * self.margin_px))
+        return (fast_fft_size(self.height + 2 * self.margin_px), fast_fft_size(self.width + 2 * self.margin_px))
 
 
 @dataclass
@@ -109,18 +109,6 @@ class SyntheticImage:
     cells: list[dict]
     focus_distance_m: float
     illumination: list[dict] = dc_field(default_factory=list)
-
-
-def _fft_size(n: int) -> int:
-    """The smallest 5-smooth integer >= n (fast FFT sizes)."""
-    while True:
-        m = n
-        for p in (2, 3, 5):
-            while m % p == 0:
-                m //= p
-        if m == 1:
-            return n
-        n += 1
 
 
 def image_rng(seed: int, index: int) -> np.random.Generator:
