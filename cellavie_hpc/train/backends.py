@@ -234,18 +234,6 @@ class MultiWorkerBackend(_StrategyBackend):
         self._finish_setup()
 
 
-class _BF16Compressor:
-    """Horovod compressor that casts floating gradients to bfloat16 for the exchange (Horovod ships fp16 only)."""
-
-    @staticmethod
-    def compress(tensor):
-        return (tf.cast(tensor, tf.bfloat16), tensor.dtype) if tensor.dtype.is_floating else (tensor, None)
-
-    @staticmethod
-    def decompress(tensor, ctx):
-        return tf.cast(tensor, ctx) if ctx is not None else tensor
-
-
 class HorovodBackend(Backend):
     name = "horovod"
 
@@ -276,7 +264,7 @@ class HorovodBackend(Backend):
         self.rank = hvd.rank()
         self.world_size = hvd.size()
         self.replicas = hvd.size()
-        self.compressor = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16, "bf16": _BF16Compressor}[compression]
+        self.compressor = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}[compression]
 
     def reduce_mean(self, value):
         return self.hvd.allreduce(value, op=self.hvd.Average)

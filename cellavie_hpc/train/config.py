@@ -233,6 +233,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.data.defocus_jitter_um == 0 or self.model.name == "refocus", "data.defocus_jitter_um",
                  self.data.defocus_jitter_um, "0 unless model.name is refocus (only its inputs are defocused fields)")
+        _require(not (self.train.backend == "horovod" and self.train.allreduce_compression == "bf16"),
+                 "train.allreduce_compression", self.train.allreduce_compression,
+                 "none or fp16 with train.backend horovod (Horovod 0.28's allreduce has no bfloat16 kernel; "
+                 "bf16 works with mirrored and multiworker)")
 
     def per_replica_batch(self, replicas: int) -> int:
         """Tiles per replica per micro-batch: `batch_per_replica`, or `global_batch` split over `replicas`."""
