@@ -43,14 +43,20 @@ def owned_cells(truth_cells: list[dict], shape: tuple[int, int]) -> set[int]:
 
 
 def evaluate_image(truth_cells: list[dict], instance: np.ndarray, cy, cx, called_infected) -> dict:
-    """Counts (`COUNT_KEYS`) of one image plus the missed infected cells and the false positives (lists).
+    """`count_matches` of detections centred at (cy, cx) pixels on the instance raster (H, W)."""
+    return count_matches(truth_cells, instance.shape, match_detections(cy, cx, instance), called_infected)
+
+
+def count_matches(truth_cells: list[dict], shape: tuple[int, int], true_ids, called_infected) -> dict:
+    """Counts (`COUNT_KEYS`) of one image (H, W) whose detections are the true cells `true_ids`
+    (`match_detections`), plus the missed infected cells and the false positives (lists).
 
     Only cells the image owns (`owned_cells`) count as cells, infected or healthy; the others are
     `edge_cells`. Any healthy cell called infected is a false positive, owned or not: the alarm is raised.
     """
     called = np.asarray(called_infected, bool).reshape(-1)
-    ids = match_detections(cy, cx, instance)
-    own = owned_cells(truth_cells, instance.shape)
+    ids = np.asarray(true_ids, np.int64).reshape(-1)
+    own = owned_cells(truth_cells, shape)
     infected_ids = {int(c["id"]) for c in truth_cells if c["infected"] and int(c["id"]) in own}
     healthy_ids = {int(c["id"]) for c in truth_cells if not c["infected"]}
     stage_of = {int(c["id"]): c["stage"] for c in truth_cells}

@@ -23,7 +23,7 @@ import numpy as np
 from cellavie_hpc.errors import UserError
 from cellavie_hpc.progress import Progress
 from cellavie_hpc.screen.chain import STAGES, ImageResult, ScreenOptions, ScreeningChain
-from cellavie_hpc.screen.evaluate import COUNT_KEYS, combine, evaluate_image, match_detections
+from cellavie_hpc.screen.evaluate import COUNT_KEYS, combine, count_matches, match_detections
 from cellavie_hpc.screen.summary import sample_summary
 
 OVERLAY_MODES = ("infected", "all", "none")
@@ -128,9 +128,9 @@ def screen_sample(dataset_path: str | Path, models_dir: str | Path, out: str | P
             if evaluate:
                 info = ds.images[result.image_index]
                 instance = ds.read_truth_patch(result.image_index, 0, 0, info.height, info.width)["instance"]
-                counts = evaluate_image(ds.cells(result.image_index), instance, table["cy"], table["cx"],
-                                        table["infected"])
                 table["true_cell"] = match_detections(table["cy"], table["cx"], instance)
+                counts = count_matches(ds.cells(result.image_index), instance.shape, table["true_cell"],
+                                       table["infected"])
                 counts["image"] = result.image_id
                 per_image_eval.append(counts)
             t1 = time.perf_counter()
