@@ -83,9 +83,9 @@ def fast_fft_size(n: int) -> int:
 def spread_margin_px(distance_m, pixel_size_m: float, max_angle_deg: float = 45.0, multiple: int = 64) -> int:
     """Padding (pixels per side) that holds the light a point sends within `max_angle_deg` of the axis over
     `distance_m` (the largest |z| of a batch), rounded up to `multiple` so few grid shapes (and cached
-    kernels) occur. Measured on 2048-px holograms refocused by 15-34 um: this margin (128 px) gives the
-    phase error of doubling the grid (0.14 rad within 20 px of the border, 0.43 unpadded) on a grid 3.2x
-    smaller."""
+    kernels) occur. Measured on 2048-px holograms refocused by 15 and 33 um (margins 64 and 192 px): the
+    phase error of doubling the grid (0.13 rad within 20 px of the border at 33 um, 0.43 unpadded) on a
+    grid 2.8x smaller or less (docs/screening.rst)."""
     reach = float(np.max(np.abs(distance_m))) * math.tan(math.radians(max_angle_deg)) / pixel_size_m
     return int(math.ceil(reach / multiple) * multiple)
 

@@ -178,10 +178,10 @@ def train_chain(dataset: str | Path, models_dir: str | Path, work_dir: str | Pat
     if crops not in CROP_SOURCES:
         raise UserError(f"classifier crops must be one of {CROP_SOURCES}, got {crops!r}")
     wanted = ("classifier",) + tuple(n for n in NETWORKS[1:] if n in networks)
-    angles = open_dataset(dataset).angles
+    source_ds = open_dataset(dataset)
     steps = {**DEFAULT_STEPS, **(steps or {})}
     entries, models, provenance = {}, {}, {}
-    geometry = cell_geometry(open_dataset(dataset))
+    geometry = cell_geometry(source_ds)
     defaults = ChainSpec(classifier=NetworkEntry(name="classifier", file="classifier.keras"), **geometry)
     for name in wanted:
         source = dataset
@@ -192,7 +192,7 @@ def train_chain(dataset: str | Path, models_dir: str | Path, work_dir: str | Pat
         result = train(config, run_dir, resume="never", progress=progress)
         if result.status != "completed":
             raise UserError(f"training the {name} network stopped ({result.status}); rerun to resume in {run_dir}")
-        in_channels = 2 * angles if name == "refocus" else 1
+        in_channels = 2 * source_ds.angles if name == "refocus" else 1
         model = build_model(name, preset, DEFAULT_PATCH[name], in_channels)
         model.load_weights(run_dir / "model.weights.h5")
         entries[name] = NetworkEntry(name=name, file=f"{name}.keras", preset=preset, patch=DEFAULT_PATCH[name],
