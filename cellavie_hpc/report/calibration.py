@@ -119,14 +119,19 @@ class SeriesCalibration:
         n = np.atleast_1d(np.asarray(gpus, np.float64))
         return n * b / predict_step_time(self.vector(), n, np.full_like(n, b))
 
-    def throughput_band(self, gpus: Any, batch_per_gpu: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """5th and 95th percentile of projected throughput over the bootstrap fits."""
+    def bootstrap_throughputs(self, gpus: Any, batch_per_gpu: float | None = None) -> np.ndarray:
+        """Projected samples/s at `gpus` of every bootstrap fit: (fits, len(gpus)); (0, len(gpus)) without fits."""
         b = self.reference_batch_per_gpu if batch_per_gpu is None else batch_per_gpu
         n = np.atleast_1d(np.asarray(gpus, np.float64))
+        return np.array([n * b / predict_step_time(p, n, np.full_like(n, b)) for p in self.bootstrap_params]
+                        ).reshape(-1, n.size)
+
+    def throughput_band(self, gpus: Any, batch_per_gpu: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """5th and 95th percentile of projected throughput over the bootstrap fits."""
         if not self.bootstrap_params:
-            x = self.throughput(n, b)
+            x = self.throughput(gpus, batch_per_gpu)
             return x, x
-        rows = np.array([n * b / predict_step_time(p, n, np.full_like(n, b)) for p in self.bootstrap_params])
+        rows = self.bootstrap_throughputs(gpus, batch_per_gpu)
         return np.percentile(rows, 5, axis=0), np.percentile(rows, 95, axis=0)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cellavie_hpc.report.calibration import SeriesCalibration, predict_step_time
+from cellavie_hpc.report.calibration import SeriesCalibration
 from cellavie_hpc.report.stats import bootstrap
 
 BASELINE = "baseline"
@@ -123,10 +123,6 @@ def _baseline_of(cal: SeriesCalibration, calibrations: list[SeriesCalibration]) 
     return exact[0] if len(exact) == 1 else same[0] if len(same) == 1 else None
 
 
-def _throughputs(params: list[list[float]], gpus: np.ndarray, batch: float) -> np.ndarray:
-    return np.array([gpus * batch / predict_step_time(p, gpus, np.full_like(gpus, batch)) for p in params])
-
-
 def projected_improvements(calibrations: list[SeriesCalibration], gpus: tuple[int, ...] = PROJECTED_GPUS
                            ) -> pd.DataFrame:
     """Projected throughput of every (back-end, variant) series and its ratio to that back-end's baseline
@@ -153,8 +149,7 @@ def projected_improvements(calibrations: list[SeriesCalibration], gpus: tuple[in
             ratio = x / base.throughput(n)
             pairs = min(len(cal.bootstrap_params), len(base.bootstrap_params))
             if pairs:
-                boot = _throughputs(cal.bootstrap_params[:pairs], n, cal.reference_batch_per_gpu) / \
-                    _throughputs(base.bootstrap_params[:pairs], n, base.reference_batch_per_gpu)
+                boot = cal.bootstrap_throughputs(n)[:pairs] / base.bootstrap_throughputs(n)[:pairs]
                 ratio_lo, ratio_hi = np.percentile(boot, 5, axis=0), np.percentile(boot, 95, axis=0)
         for i, g in enumerate(gpus):
             rows.append({"source": "projected", "series": cal.label, "model": cal.series.get("model"),
